@@ -1,0 +1,1 @@
+"""Ray programs over segpc: segment (Ray Data), train (Ray Train), report; plus local helpers."""

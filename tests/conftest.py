@@ -1,0 +1,37 @@
+"""Shared fixtures: a real SeaweedFS S3 server on 127.0.0.1, started once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    from ray_jobs.local_s3 import LocalS3
+
+    server = LocalS3().start()
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    yield server
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh bucket per test, as an ``s3://`` URI."""
+    from segpc.storage import filesystem
+
+    name = "t-" + "".join(ch for ch in request.node.name.lower() if ch.isalnum())[:40]
+    fs, _ = filesystem(f"s3://{name}")
+    if not fs.exists(name):
+        fs.mkdir(name)
+    return f"s3://{name}"

@@ -1,0 +1,62 @@
+"""The cascade and keep-all rules, on hand-built candidates."""
+
+import numpy as np
+import pytest
+
+from segpc.aggregate import Candidate, cytoplasm_ratio, select, touches_crop_edge
+from segpc.config import AggregationConfig
+
+
+def cand(scale, ratio, truncated=False, nucleus_area=100):
+    cell = np.zeros((40, 40), bool)
+    cell.flat[: int(round(nucleus_area * (1 + ratio)))] = True
+    return Candidate(scale, (0, 0, 40, 40), cell, nucleus_area, truncated=truncated)
+
+
+CFG = AggregationConfig()
+
+
+def test_ratio():
+    assert cytoplasm_ratio(300, 100) == 2.0
+    assert cytoplasm_ratio(80, 100) == 0.0  # never negative
+    assert cand(1.75, 1.5).ratio == pytest.approx(1.5)
+
+
+def test_cascade_stops_at_the_first_acceptable_scale():
+    cands = [cand(0.5, 0.3), cand(1.75, 1.0), cand(2.6, 2.0), cand(3.0, 3.0)]
+    assert [c.scale for c in select(cands, CFG)] == [0.5]
+
+
+def test_cascade_moves_on_when_truncated_or_implausible():
+    cands = [cand(0.5, 0.6, truncated=True), cand(1.75, 2.5, truncated=True), cand(2.6, 3.0)]
+    assert [c.scale for c in select(cands, CFG)] == [2.6]
+    # ratio 0.9 is above the 0.5 window (0-0.8): implausible at 0.5
+    assert [c.scale for c in select([cand(0.5, 0.9), cand(1.75, 1.2)], CFG)] == [1.75]
+
+
+def test_cascade_fallbacks():
+    # every candidate truncated: the largest plausible one
+    cands = [cand(0.5, 0.5, True), cand(1.75, 2.0, True), cand(2.6, 0.1, True), cand(3.0, 0.2, True)]
+    assert [c.scale for c in select(cands, CFG)] == [1.75]
+    # nothing plausible: the largest scale's candidate
+    cands = [cand(0.5, 0.9, True), cand(1.75, 0.1), cand(3.0, 0.2)]
+    assert [c.scale for c in select(cands, CFG)] == [3.0]
+    assert select([], CFG) == []
+
+
+def test_keep_all_returns_every_plausible_candidate():
+    cfg = AggregationConfig(mode="keep-all")
+    cands = [cand(0.5, 0.3), cand(1.75, 1.0), cand(2.6, 0.1), cand(3.0, 3.0, truncated=True)]
+    assert [c.scale for c in select(cands, cfg)] == [0.5, 1.75, 3.0]
+
+
+def test_touching_counts_only_edges_inside_the_image():
+    cell = np.zeros((20, 20), bool)
+    cell[0, 5:15] = True  # runs along the top edge
+    assert touches_crop_edge(cell, (10, 10, 30, 30), (100, 100), 0.02)
+    # the same window on the image's top border: the top edge is the image border
+    assert not touches_crop_edge(cell, (0, 10, 20, 30), (100, 100), 0.02)
+    # a single touching pixel is not enough
+    one = np.zeros((20, 20), bool)
+    one[0, 5] = True
+    assert not touches_crop_edge(one, (10, 10, 30, 30), (100, 100), 0.02)

@@ -1,0 +1,97 @@
+"""Model bundle: round trip (local and real S3), and refusal of anything unsafe or mismatched."""
+
+import json
+
+import pytest
+import torch
+
+from segpc.bundle import load_bundle, new_bundle, read_bundle_meta, save_bundle
+from segpc.config import preset
+from segpc.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle():
+    torch.manual_seed(0)
+    return new_bundle(preset("tiny"), {"data": "test", "epochs": 0})
+
+
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_local_round_trip(tiny_bundle, tmp_path):
+    save_bundle(tiny_bundle, str(tmp_path / "b"))
+    meta = read_bundle_meta(str(tmp_path / "b"))
+    assert meta["provenance"] == {"data": "test", "epochs": 0}
+    assert set(meta["networks"]) == {"nucleus", "cytoplasm-s0.5", "cytoplasm-s1.75",
+                                     "cytoplasm-s2.6", "cytoplasm-s3"}
+    loaded = load_bundle(str(tmp_path / "b"))
+    assert loaded.config == tiny_bundle.config
+    assert _same_weights(loaded.nucleus, tiny_bundle.nucleus)
+    for s in tiny_bundle.cytoplasm:
+        assert _same_weights(loaded.cytoplasm[s], tiny_bundle.cytoplasm[s])
+    only = load_bundle(str(tmp_path / "b"), scales=[1.75])
+    assert list(only.cytoplasm) == [1.75]
+
+
+@pytest.mark.s3
+def test_s3_round_trip(tiny_bundle, s3_bucket):
+    uri = f"{s3_bucket}/bundles/tiny"
+    save_bundle(tiny_bundle, uri)
+    loaded = load_bundle(uri)
+    assert _same_weights(loaded.cytoplasm[2.6], tiny_bundle.cytoplasm[2.6])
+
+
+def test_tampered_weights_are_refused(tiny_bundle, tmp_path):
+    save_bundle(tiny_bundle, str(tmp_path))
+    f = tmp_path / "cytoplasm-s2.6.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-10] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="checksum"):
+        load_bundle(str(tmp_path))
+
+
+def test_pickles_are_refused(tiny_bundle, tmp_path):
+    save_bundle(tiny_bundle, str(tmp_path))
+    torch.save({"x": 1}, tmp_path / "extra.pt")
+    with pytest.raises(InputError, match="pickle"):
+        load_bundle(str(tmp_path))
+
+
+def test_mismatched_architecture_is_refused(tiny_bundle, tmp_path):
+    save_bundle(tiny_bundle, str(tmp_path))
+    meta = json.loads((tmp_path / "bundle.json").read_text())
+    meta["config"]["cytoplasm"]["aspp_channels"] = 48  # weights were saved at 32
+    (tmp_path / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="does not fit"):
+        load_bundle(str(tmp_path))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(format_version=99), "version 99"),
+    (lambda m: m.update(format="other"), "not a segpc-bundle"),
+    (lambda m: m["networks"].pop("cytoplasm-s3"), "no network 'cytoplasm-s3'"),
+    (lambda m: m["networks"]["nucleus"].update(architecture="fpn"), "'fpn'"),
+    (lambda m: m["config"]["aggregation"]["windows"].pop("3.0"), "no plausibility window"),
+])
+def test_bad_bundle_json_is_refused(tiny_bundle, tmp_path, edit, message):
+    save_bundle(tiny_bundle, str(tmp_path))
+    meta = json.loads((tmp_path / "bundle.json").read_text())
+    edit(meta)
+    (tmp_path / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match=message):
+        load_bundle(str(tmp_path))
+
+
+def test_missing_files_and_folders(tiny_bundle, tmp_path):
+    with pytest.raises(InputError, match="no bundle.json"):
+        load_bundle(str(tmp_path / "nowhere"))
+    save_bundle(tiny_bundle, str(tmp_path / "b"))
+    (tmp_path / "b" / "nucleus.safetensors").unlink()
+    with pytest.raises(InputError, match="missing"):
+        load_bundle(str(tmp_path / "b"))
+    with pytest.raises(InputError, match="no cytoplasm network for scale"):
+        load_bundle(str(tmp_path / "b"), scales=[9.0])
