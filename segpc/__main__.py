@@ -23,6 +23,14 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(json.dumps(evaluate_folders(args.truth, args.pred), indent=2))
 
 
+def _segment(args: argparse.Namespace) -> None:
+    from segpc.folder import segment_folder
+
+    summary = segment_folder(args.input, args.bundle, args.out, overlays=args.overlays,
+                             device=args.device)
+    print(json.dumps(summary))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m segpc", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -40,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--truth", required=True, help="folder of <id>_<k>.bmp masks or a SegPC split root")
     e.add_argument("--pred", required=True, help="folder of predicted <id>_<k>.bmp masks")
     e.set_defaults(func=_evaluate)
+    g = sub.add_parser("segment", help="segment a local folder of images in one process (no Ray)")
+    g.add_argument("--input", required=True, help="folder of images, or a SegPC split root (x/)")
+    g.add_argument("--bundle", required=True, help="model bundle folder or s3:// URI")
+    g.add_argument("--out", required=True, help="output folder: masks/<id>_<k>.bmp, images.jsonl")
+    g.add_argument("--overlays", action="store_true", help="also write QC overlays (PNG)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    g.set_defaults(func=_segment)
     return p
 
 

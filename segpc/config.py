@@ -21,7 +21,8 @@ class NucleusConfig:
     decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
     input_size: int = 800  # square; the image is fitted aspect-preserving
     threshold: float = 0.5
-    min_area: float = 80.0  # pixels at input_size x input_size
+    min_area: float = 80.0  # pixels of the image resized to min_area_at x min_area_at
+    min_area_at: int = 800  # the paper's input size: 80 px there is 1/8000 of the image
     split_touching: bool = True
 
 

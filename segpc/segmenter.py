@@ -121,7 +121,7 @@ def nucleus_probabilities(images: list[np.ndarray], net: Callable[[np.ndarray], 
 def find_nuclei(prob: np.ndarray, config: Config) -> Nuclei:
     """Stage-1 post-processing and per-nucleus facts for one image."""
     cfg = config.nucleus
-    labels = nucleus_instances(prob, cfg.threshold, cfg.min_area, cfg.input_size ** 2,
+    labels = nucleus_instances(prob, cfg.threshold, cfg.min_area, cfg.min_area_at ** 2,
                                cfg.split_touching)
     boxes, areas, scores = [], [], []
     for i, sl in enumerate(ndi.find_objects(labels), start=1):

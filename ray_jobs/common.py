@@ -1,0 +1,38 @@
+"""What every Ray program here needs: connecting to Ray and Ray-side filesystems."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow.fs as pafs
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster when there is one (``ray job submit``, RAY_ADDRESS), else start locally."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def pyarrow_filesystem(uri: str) -> tuple[pafs.FileSystem | None, str]:
+    """(filesystem, path) for Ray APIs that take pyarrow filesystems.
+
+    pyarrow's S3 client ignores ``AWS_ENDPOINT_URL``, so an S3-compatible endpoint is
+    passed on explicitly (``endpoint_override`` and the URL's scheme).
+    """
+    if not uri.startswith(("s3://", "s3a://")):
+        return None, uri
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs = {}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs = {"endpoint_override": host or scheme, "scheme": scheme if host else "https"}
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs), uri.split("://", 1)[1]
