@@ -13,10 +13,12 @@ def init_ray(num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
+    # One copy of each worker print (Ray Train would otherwise also re-log it).
+    env = {"runtime_env": {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(**env)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **env)
 
 
 def pyarrow_filesystem(uri: str) -> tuple[pafs.FileSystem | None, str]:

@@ -175,6 +175,10 @@ class Segmenter:
                    lambda images: nucleus_probabilities(images, nucleus, size),
                    lambda scale, crops: cells[scale](gather_inputs(crops)))
 
+    def with_config(self, config: Config) -> "Segmenter":
+        """The same networks under other settings (fewer scales, another aggregation mode)."""
+        return Segmenter(config, self.nucleus_fn, self.cell_fn)
+
     def segment(self, image: np.ndarray) -> ImageResult:
         return self.segment_batch([image])[0]
 

@@ -156,7 +156,7 @@ def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, arrays: Arrays, id
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-        total += float(loss) * len(batch)
+        total += float(loss.detach()) * len(batch)
         seen += len(batch)
     dt = time.perf_counter() - t0
     return {"loss": total / max(seen, 1), "samples": seen, "samples_per_s": seen / max(dt, 1e-9)}
@@ -199,31 +199,44 @@ def validate_scale(predict: Callable[[np.ndarray], np.ndarray], samples: list[Sa
 # Checkpoints hold no pickles either: tensors in safetensors, the rest in JSON.
 
 
-def save_state(folder: str | Path, model: nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
+def save_checkpoint(folder: str | Path, model: nn.Module, opt: torch.optim.Optimizer, state: dict,
+                    best: dict[str, torch.Tensor]) -> None:
+    """Latest training state (model, optimizer, epoch, metrics) and the best weights so far."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-              str(folder / "model.safetensors"))
+    save_file(_cpu(model.state_dict()), str(folder / "model.safetensors"))
+    save_file(_cpu(best), str(folder / "best.safetensors"))
     osd = opt.state_dict()
-    tensors = {f"{pid}.{key}": v.detach().cpu().contiguous()
-               for pid, st in osd["state"].items() for key, v in st.items() if torch.is_tensor(v)}
-    save_file(tensors, str(folder / "optimizer.safetensors"))
+    tensors = {f"{pid}.{key}": v for pid, st in osd["state"].items() for key, v in st.items()
+               if torch.is_tensor(v)}
+    save_file(_cpu(tensors), str(folder / "optimizer.safetensors"))
     (folder / "state.json").write_text(json.dumps({**state, "param_groups": osd["param_groups"]}))
 
 
-def load_state(folder: str | Path, model: nn.Module, opt: torch.optim.Optimizer | None = None) -> dict:
+def load_checkpoint(folder: str | Path, model: nn.Module,
+                    opt: torch.optim.Optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Restore model and optimizer in place; returns (state, best weights)."""
     folder = Path(folder)
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     state = json.loads((folder / "state.json").read_text())
-    if opt is not None:
-        tensors = load_file(str(folder / "optimizer.safetensors"))
-        per: dict[int, dict] = {}
-        for name, v in tensors.items():
-            pid, key = name.split(".", 1)
-            per.setdefault(int(pid), {})[key] = v
-        opt.load_state_dict({"state": per, "param_groups": state["param_groups"]})
+    per: dict[int, dict] = {}
+    for name, v in load_file(str(folder / "optimizer.safetensors")).items():
+        pid, key = name.split(".", 1)
+        per.setdefault(int(pid), {})[key] = v
+    opt.load_state_dict({"state": per, "param_groups": state.pop("param_groups")})
+    return state, load_file(str(folder / "best.safetensors"))
+
+
+def load_best(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(best weights, state) of a checkpoint, for the bundle."""
+    folder = Path(folder)
+    state = json.loads((folder / "state.json").read_text())
     state.pop("param_groups", None)
-    return state
+    return load_file(str(folder / "best.safetensors")), state
+
+
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
 def lr_at(epoch: int, epochs: int, base: float) -> float:

@@ -35,3 +35,15 @@ def s3_bucket(s3_server, request):
     if not fs.exists(name):
         fs.mkdir(name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One in-process Ray instance for the whole session (never `ray stop`)."""
+    import ray
+
+    from ray_jobs.common import init_ray
+
+    init_ray(num_cpus=4)
+    yield ray
+    ray.shutdown()
