@@ -43,8 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--autoscale", action="store_true",
                    help="with --use-gpu: do not require the GPUs to exist yet (autoscaling cluster)")
     p.add_argument("--epochs", type=int, default=None, help="default: 30 (tiny), 100 (paper)")
-    p.add_argument("--batch-size", type=int, default=None, help="per worker; default 16 (tiny), 8 (paper)")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (cosine decay)")
+    p.add_argument("--batch-size", type=int, default=None, help="per worker; default 8")
+    p.add_argument("--lr", type=float, default=None,
+                   help="Adam learning rate, cosine decay; default 1e-3 (tiny, from scratch), 1e-4 (paper)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoints", default=None,
                    help="where Ray Train keeps checkpoints (default: <out>-checkpoints)")
@@ -61,7 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.epochs is None:
         args.epochs = 30 if args.preset == "tiny" else 100
     if args.batch_size is None:
-        args.batch_size = 16 if args.preset == "tiny" else 8
+        args.batch_size = 8
+    if args.lr is None:
+        args.lr = 1e-3 if args.preset == "tiny" else 1e-4
     if args.checkpoints is None:
         args.checkpoints = args.out.rstrip("/") + "-checkpoints"
     if args.num_workers < 1 or args.epochs < 1 or args.batch_size < 2:

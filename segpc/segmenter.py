@@ -185,26 +185,61 @@ class Segmenter:
     def segment_batch(self, images: list[np.ndarray]) -> list[ImageResult]:
         """Crops of all nuclei of the batch run together per scale; the cascade sends a
         nucleus to the next scale only while its candidate needs a larger crop."""
-        for n, im in enumerate(images):
-            if im.ndim != 3 or im.shape[2] != 3 or im.dtype != np.uint8:
-                raise InputError(f"image {n}: expected RGB uint8 (H, W, 3), got {im.dtype} {im.shape}")
-        cfg = self.config
-        prepared = [equalize(im) for im in images] if cfg.cytoplasm.equalize else images
-        all_nuclei = [find_nuclei(p, cfg) for p in self.nucleus_fn(images)]
-        pending = {(b, i) for b, nuc in enumerate(all_nuclei) for i in range(len(nuc))}
-        candidates: list[dict[int, list[Candidate]]] = [{} for _ in images]
-        counts: list[dict[float, int]] = [{} for _ in images]
-        for scale in cfg.cytoplasm.scales:
-            order = sorted(pending)
-            crops = [crop_input(prepared[b], all_nuclei[b].labels, i + 1, all_nuclei[b].boxes[i],
-                                scale, cfg.cytoplasm) for b, i in order]
-            probs = self.cell_fn(scale, crops) if crops else []
-            for (b, i), crop, prob in zip(order, crops, probs):
-                cand = candidate_from_probability(prob, crop, images[b].shape[:2], cfg.cytoplasm,
-                                                  cfg.aggregation)
-                candidates[b].setdefault(i, []).append(cand)
-                counts[b][scale] = counts[b].get(scale, 0) + 1
-                if cfg.aggregation.mode == "cascade" and not needs_larger_scale(cand, cfg.aggregation):
-                    pending.discard((b, i))
-        return [ImageResult(im.shape[:2], assemble(im.shape[:2], nuc, cand, cfg), len(nuc), cnt)
-                for im, nuc, cand, cnt in zip(images, all_nuclei, candidates, counts)]
+        states = detect(images, self.nucleus_fn, self.config)
+        for scale in self.config.cytoplasm.scales:
+            run_scale(states, scale, self.cell_fn, self.config)
+        return [finish(st, self.config) for st in states]
+
+
+# The steps below are the whole method, one call per pipeline stage: the segmenter chains
+# them in one process; the Ray batch job runs each in its own actor pool on the same state.
+
+
+@dataclass
+class ImageState:
+    """One image between the stages: its nuclei and the cell candidates found so far."""
+
+    image: np.ndarray  # RGB uint8, as read
+    source: np.ndarray  # what the crops are cut from (equalised when the config says so)
+    nuclei: Nuclei
+    candidates: dict[int, list[Candidate]] = field(default_factory=dict)
+    inferences: dict[float, int] = field(default_factory=dict)
+
+
+def detect(images: list[np.ndarray], nucleus_fn: NucleusFn, config: Config) -> list[ImageState]:
+    """Stage 1 for a batch of images."""
+    for n, im in enumerate(images):
+        if im.ndim != 3 or im.shape[2] != 3 or im.dtype != np.uint8:
+            raise InputError(f"image {n}: expected RGB uint8 (H, W, 3), got {im.dtype} {im.shape}")
+    probs = nucleus_fn(images) if images else []
+    return [ImageState(im, equalize(im) if config.cytoplasm.equalize else im, find_nuclei(p, config))
+            for im, p in zip(images, probs)]
+
+
+def pending(state: ImageState, config: Config) -> list[int]:
+    """Nuclei (0-based) that still need a scale: none tried yet, or the last one too small."""
+    if config.aggregation.mode == "keep-all":
+        return list(range(len(state.nuclei)))
+    return [i for i in range(len(state.nuclei))
+            if not state.candidates.get(i) or needs_larger_scale(state.candidates[i][-1], config.aggregation)]
+
+
+def run_scale(states: list[ImageState], scale: float, cell_fn: CellFn, config: Config) -> None:
+    """One scale for the pending nuclei of a batch of images, in one network call."""
+    todo = [(st, i) for st in states for i in pending(st, config)]
+    crops = [crop_input(st.source, st.nuclei.labels, i + 1, st.nuclei.boxes[i], scale, config.cytoplasm)
+             for st, i in todo]
+    if not crops:
+        return
+    for (st, i), crop, prob in zip(todo, crops, cell_fn(scale, crops)):
+        cand = candidate_from_probability(prob, crop, st.image.shape[:2], config.cytoplasm,
+                                          config.aggregation)
+        st.candidates.setdefault(i, []).append(cand)
+        st.inferences[scale] = st.inferences.get(scale, 0) + 1
+
+
+def finish(state: ImageState, config: Config) -> ImageResult:
+    """Aggregation: the cells kept for this image."""
+    shape = state.image.shape[:2]
+    return ImageResult(shape, assemble(shape, state.nuclei, state.candidates, config),
+                       len(state.nuclei), dict(state.inferences))
