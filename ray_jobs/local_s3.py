@@ -64,7 +64,7 @@ class LocalS3:
         (self.dir / "data").mkdir(parents=True, exist_ok=True)
         cmd = [weed_binary(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                f"-dir={self.dir / 'data'}", f"-master.port={master}", f"-volume.port={volume}",
-               "-master.volumeSizeLimitMB=64", "-volume.max=20", "-filer", f"-filer.port={filer}",
+               "-master.volumeSizeLimitMB=32", "-volume.max=0", "-filer", f"-filer.port={filer}",
                "-s3", f"-s3.port={s3}"]
         self.log = open(self.dir / "weed.log", "ab")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,

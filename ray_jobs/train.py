@@ -121,7 +121,7 @@ def run_stage(args: argparse.Namespace, cfg: Config, stage: str, scale: float | 
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from ray_jobs.common import pyarrow_filesystem
+    from ray_jobs.common import pyarrow_filesystem, worker_runtime_env
     from ray_jobs.train_loop import train_loop
 
     name = network_name(scale)
@@ -144,7 +144,8 @@ def run_stage(args: argparse.Namespace, cfg: Config, stage: str, scale: float | 
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path, storage_filesystem=storage_fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            failure_config=ray.train.FailureConfig(max_failures=args.max_failures)),
+            failure_config=ray.train.FailureConfig(max_failures=args.max_failures),
+            worker_runtime_env=worker_runtime_env()),
     )
     try:
         result = trainer.fit()
@@ -236,11 +237,13 @@ def validate_bundle(args: argparse.Namespace, bundle: Bundle) -> dict:
     """End-to-end validation of the bundle: each scale alone and the cascade."""
     import ray
 
+    from ray_jobs.common import worker_runtime_env
     from ray_jobs.train_loop import evaluate_bundle_task
 
     with tempfile.TemporaryDirectory() as tmp:
         save_bundle(bundle, tmp)
-        task = ray.remote(num_cpus=1, num_gpus=1 if args.use_gpu else 0)(evaluate_bundle_task)
+        task = ray.remote(num_cpus=1, num_gpus=1 if args.use_gpu else 0,
+                          runtime_env=worker_runtime_env())(evaluate_bundle_task)
         files = {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
         return ray.get(task.remote(files, args.data, args.val_fraction))
 

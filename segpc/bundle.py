@@ -36,7 +36,7 @@ def network_name(scale: float | None = None) -> str:
 @dataclass
 class Bundle:
     config: Config
-    nucleus: nn.Module
+    nucleus: nn.Module | None
     cytoplasm: dict[float, nn.Module]
     provenance: dict = field(default_factory=dict)
     uri: str = ""
@@ -92,8 +92,10 @@ def read_bundle_meta(uri: str) -> dict:
     return meta
 
 
-def load_bundle(uri: str, device: str | torch.device = "cpu", scales: list[float] | None = None) -> Bundle:
-    """Load a bundle for inference (eval mode), optionally only some cytoplasm scales."""
+def load_bundle(uri: str, device: str | torch.device = "cpu", scales: list[float] | None = None,
+                nucleus: bool = True) -> Bundle:
+    """Load a bundle for inference (eval mode), optionally only some of its networks
+    (``scales=[]`` and ``nucleus=False`` let one pipeline stage load only its own)."""
     meta = read_bundle_meta(uri)
     config = Config.from_dict(meta["config"])
     fs, root = filesystem(uri)
@@ -105,11 +107,11 @@ def load_bundle(uri: str, device: str | torch.device = "cpu", scales: list[float
     unknown = [s for s in wanted if s not in config.cytoplasm.scales]
     if unknown:
         raise InputError(f"{uri}: bundle has no cytoplasm network for scale(s) {unknown}")
-    nucleus = _load_network(fs, root, uri, meta, network_name(), NUCLEUS_ARCH,
-                            build_nucleus_model(config.nucleus), device)
+    unet = _load_network(fs, root, uri, meta, network_name(), NUCLEUS_ARCH,
+                         build_nucleus_model(config.nucleus), device) if nucleus else None
     cytoplasm = {s: _load_network(fs, root, uri, meta, network_name(s), CYTOPLASM_ARCH,
                                   build_cytoplasm_model(config.cytoplasm), device) for s in wanted}
-    return Bundle(config, nucleus, cytoplasm, meta.get("provenance", {}), uri)
+    return Bundle(config, unet, cytoplasm, meta.get("provenance", {}), uri)
 
 
 def _load_network(fs, root: str, uri: str, meta: dict, name: str, arch: str, model: nn.Module,

@@ -30,6 +30,8 @@ def image_size(data: bytes, name: str) -> tuple[int, int]:
     try:
         with Image.open(io.BytesIO(data)) as im:
             return im.size
+    except Image.UnidentifiedImageError:
+        raise InputError(f"{name}: not an image in a known format (BMP, PNG, JPEG, TIFF)") from None
     except Exception as exc:  # pillow raises many types for bad headers
         raise InputError(f"{name}: not a readable image ({type(exc).__name__}: {exc})") from None
 
@@ -38,8 +40,12 @@ def decode_image(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> np.nda
     """Decode image bytes to an RGB uint8 array (H, W, 3), or raise InputError naming ``name``.
 
     Refuses what the models cannot take honestly: grayscale, alpha, more than 8 bits per
-    channel, images too small to hold a cell, and images over ``max_pixels``.
+    channel, images too small to hold a cell, and images over ``max_pixels`` (checked from
+    the header, before any pixel buffer is allocated). Pillow decodes, because unlike
+    OpenCV it notices truncated files instead of returning a grey tail.
     """
+    from PIL import Image
+
     if not data:
         raise InputError(f"{name}: empty file (0 bytes)")
     width, height = image_size(data, name)
@@ -47,32 +53,41 @@ def decode_image(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> np.nda
         raise InputError(
             f"{name}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
         )
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if arr is None:
-        raise InputError(f"{name}: cannot be decoded (truncated or corrupt image data)")
-    if arr.dtype != np.uint8:
-        raise InputError(f"{name}: {arr.dtype} pixels; expected 8-bit RGB")
-    if arr.ndim == 2 or arr.shape[2] == 1:
-        raise InputError(f"{name}: grayscale image; expected 8-bit RGB (Jenner-Giemsa colour)")
-    if arr.shape[2] == 4:
-        raise InputError(f"{name}: has an alpha channel (RGBA); expected 8-bit RGB")
-    if arr.shape[2] != 3:
-        raise InputError(f"{name}: {arr.shape[2]} channels; expected 3 (RGB)")
-    if min(arr.shape[:2]) < MIN_SIDE:
-        raise InputError(f"{name}: {arr.shape[1]}x{arr.shape[0]} is too small to hold a cell")
-    _check_complete(data, name)
-    return np.ascontiguousarray(arr[..., ::-1])
-
-
-def _check_complete(data: bytes, name: str) -> None:
-    """OpenCV decodes truncated PNG/JPEG/BMP files silently (grey tail); pillow notices."""
-    from PIL import Image
-
+    if min(width, height) < MIN_SIDE:
+        raise InputError(f"{name}: {width}x{height} is too small to hold a cell")
     try:
         with Image.open(io.BytesIO(data)) as im:
-            im.load()
-    except Exception as exc:
-        raise InputError(f"{name}: truncated or corrupt image data ({exc})") from None
+            mode = im.mode
+            if mode in _DEPTH:
+                raise InputError(f"{name}: {_DEPTH.get(mode, mode)} pixels; expected 8-bit RGB")
+            if _bits_per_sample(im, data) > 8:  # pillow would quietly cut these to 8 bits
+                raise InputError(f"{name}: {_bits_per_sample(im, data)}-bit (uint16) pixels; expected 8-bit RGB")
+            if mode in ("L", "LA"):
+                raise InputError(f"{name}: grayscale image; expected 8-bit RGB (Jenner-Giemsa colour)")
+            if mode in ("RGBA", "PA", "RGBa") or (mode == "P" and "transparency" in im.info):
+                raise InputError(f"{name}: has an alpha channel ({mode}); expected 8-bit RGB")
+            if mode not in ("RGB", "P"):
+                raise InputError(f"{name}: {mode} pixels; expected 8-bit RGB")
+            arr = np.asarray(im.convert("RGB"))
+    except InputError:
+        raise
+    except Exception as exc:  # pillow raises OSError, SyntaxError, ValueError ... on bad data
+        raise InputError(f"{name}: cannot be decoded, truncated or corrupt image data ({exc})") from None
+    return np.ascontiguousarray(arr)
+
+
+def _bits_per_sample(im, data: bytes) -> int:
+    """Bits per channel from the TIFF tag or the PNG header (both may hold 16)."""
+    tiff_bits = getattr(im, "tag_v2", {}).get(258) if hasattr(im, "tag_v2") else None
+    if tiff_bits:
+        return max(tiff_bits) if isinstance(tiff_bits, tuple) else int(tiff_bits)
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 24:
+        return data[24]
+    return 8
+
+
+_DEPTH = {"1": "1-bit", "I;16": "uint16", "I;16B": "uint16", "I;16L": "uint16", "I": "int32",
+          "F": "float32"}
 
 
 def read_image(path: str | Path) -> np.ndarray:

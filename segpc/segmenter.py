@@ -154,6 +154,24 @@ def _to_cell(cell_id: int, i: int, cand: Candidate, nuclei: Nuclei, shape: tuple
                 nuclei.scores[i], cand.score, cand.ratio, cand.truncated)
 
 
+def nucleus_fn(bundle, device: str | None = None, batch_size: int = 16,
+               amp: bool | None = None) -> NucleusFn:
+    """The bundle's U-Net as a :data:`NucleusFn` on ``device`` (CUDA if present by default)."""
+    from segpc.runner import NetworkRunner
+
+    runner = NetworkRunner(bundle.nucleus, device, batch_size, amp)
+    size = bundle.config.nucleus.input_size
+    return lambda images: nucleus_probabilities(images, runner, size)
+
+
+def cell_fn(bundle, device: str | None = None, batch_size: int = 16, amp: bool | None = None) -> CellFn:
+    """The bundle's loaded cytoplasm networks as one :data:`CellFn`."""
+    from segpc.runner import NetworkRunner
+
+    runners = {s: NetworkRunner(m, device, batch_size, amp) for s, m in bundle.cytoplasm.items()}
+    return lambda scale, crops: runners[scale](gather_inputs(crops))
+
+
 class Segmenter:
     """Both stages and the cascade, in one process, for a batch of RGB images."""
 
@@ -165,15 +183,10 @@ class Segmenter:
     def from_bundle(cls, uri: str, device: str | None = None, batch_size: int = 16,
                     amp: bool | None = None) -> "Segmenter":
         from segpc.bundle import load_bundle
-        from segpc.runner import NetworkRunner
 
         bundle = load_bundle(uri, device="cpu")
-        nucleus = NetworkRunner(bundle.nucleus, device, batch_size, amp)
-        cells = {s: NetworkRunner(m, device, batch_size, amp) for s, m in bundle.cytoplasm.items()}
-        size = bundle.config.nucleus.input_size
-        return cls(bundle.config,
-                   lambda images: nucleus_probabilities(images, nucleus, size),
-                   lambda scale, crops: cells[scale](gather_inputs(crops)))
+        return cls(bundle.config, nucleus_fn(bundle, device, batch_size, amp),
+                   cell_fn(bundle, device, batch_size, amp))
 
     def with_config(self, config: Config) -> "Segmenter":
         """The same networks under other settings (fewer scales, another aggregation mode)."""

@@ -15,9 +15,13 @@ from fsspec import AbstractFileSystem
 def storage_options(uri: str) -> dict:
     """fsspec options for ``uri``: the S3 endpoint from the environment, if any."""
     if uri.startswith(("s3://", "s3a://")):
+        # Other processes (Ray workers) write under the same prefixes: never trust a
+        # cached listing.
+        opts: dict = {"use_listings_cache": False}
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:
-            return {"client_kwargs": {"endpoint_url": endpoint}}
+            opts["client_kwargs"] = {"endpoint_url": endpoint}
+        return opts
     return {}
 
 
@@ -29,3 +33,24 @@ def filesystem(uri: str) -> tuple[AbstractFileSystem, str]:
 
 def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def read_bytes(uri: str, attempts: int = 5, backoff_s: float = 0.5) -> bytes:
+    """Whole object, retrying transient failures with exponential backoff.
+
+    A missing object is not transient and fails at once; anything else (connection reset,
+    throttling, a storage server restarting) is retried ``attempts`` times.
+    """
+    import time
+
+    fs, path = filesystem(uri)
+    for attempt in range(attempts):
+        try:
+            return fs.cat_file(path)
+        except (FileNotFoundError, IsADirectoryError, PermissionError):
+            raise
+        except Exception:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(backoff_s * 2 ** attempt)
+    raise AssertionError("unreachable")

@@ -27,14 +27,15 @@ def s3_server():
 
 @pytest.fixture
 def s3_bucket(s3_server, request):
-    """A fresh bucket per test, as an ``s3://`` URI."""
+    """A fresh ``s3://`` prefix per test, in one shared bucket (SeaweedFS gives every bucket
+    volumes of its own; one bucket keeps the server small)."""
     from segpc.storage import filesystem
 
-    name = "t-" + "".join(ch for ch in request.node.name.lower() if ch.isalnum())[:40]
-    fs, _ = filesystem(f"s3://{name}")
-    if not fs.exists(name):
-        fs.mkdir(name)
-    return f"s3://{name}"
+    fs, _ = filesystem("s3://segpc-tests")
+    if not fs.exists("segpc-tests"):
+        fs.mkdir("segpc-tests")
+    name = "".join(ch for ch in request.node.name.lower() if ch.isalnum())[:60]
+    return f"s3://segpc-tests/{name}"
 
 
 @pytest.fixture(scope="session")
@@ -45,5 +46,7 @@ def ray_local():
     from ray_jobs.common import init_ray
 
     init_ray(num_cpus=4)
+    # a stuck pipeline fails the test instead of hanging CI
+    ray.data.DataContext.get_current().execution_no_progress_timeout_s = 180
     yield ray
     ray.shutdown()

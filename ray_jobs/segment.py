@@ -1,0 +1,311 @@
+"""The batch job: segment every image under an input prefix with Ray Data.
+
+    python -m ray_jobs.segment --input URI --output URI --bundle BUNDLE_URI
+        [--segpc-masks] [--overlays] [--keep-all] [--resume] [--manifest CSV]
+
+Pipeline (streaming, no all-to-all step): list inputs on the driver -> read + decode + validate
+(CPU tasks) -> nucleus U-Net (actor pool) -> one Attention DeepLabv3+ actor pool per scale,
+each running only the nuclei that the cascade still sends to it -> aggregate, label masks
+and writes (CPU tasks). Each image's crops travel with its own row. See ``--help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from segpc.errors import InputError
+
+
+@dataclass
+class Work:
+    """The heavy part of a row, carried as one Python object between stages."""
+
+    image: np.ndarray | None = None
+    state: object | None = None  # segpc.segmenter.ImageState once stage 1 ran
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ray_jobs.segment", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="prefix of image files (any depth; slide = first folder)")
+    p.add_argument("--output", required=True, help="output prefix (images/, cells/, slides.parquet, masks.zarr)")
+    p.add_argument("--bundle", required=True, help="model bundle (folder or s3:// URI)")
+    p.add_argument("--manifest", default=None, help="CSV/Parquet with columns path, slide_id")
+    p.add_argument("--segpc-masks", action="store_true", help="also write segpc/<id>_<k>.bmp (40/20)")
+    p.add_argument("--overlays", action="store_true", help="also write overlays/<id>.png QC pictures")
+    p.add_argument("--keep-all", action="store_true",
+                   help="keep every plausible candidate (published challenge mode) instead of the cascade")
+    p.add_argument("--resume", action="store_true", help="skip images already in images/")
+    p.add_argument("--batch-size", type=int, default=None, help="images per model batch (default 8 CPU, 16 GPU)")
+    p.add_argument("--nucleus-actors", type=int, default=None, help="nucleus pool size (default: 1 per GPU, else 1)")
+    p.add_argument("--cytoplasm-actors", type=int, default=None, help="pool size per scale (default: as nucleus)")
+    p.add_argument("--gpus", type=float, default=None,
+                   help="GPUs to plan for (default: the cluster's; set it on an autoscaling cluster)")
+    p.add_argument("--nucleus-gpu", type=float, default=0.5, help="GPU fraction per nucleus actor")
+    p.add_argument("--cytoplasm-gpu", type=float, default=None,
+                   help="GPU fraction per cytoplasm actor (default: the rest of a GPU shared by the scales)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per CPU actor")
+    p.add_argument("--max-pixels", type=int, default=None, help="refuse larger images (default 50 MP)")
+    p.add_argument("--progress-every", type=int, default=50, help="a progress line every N images")
+    p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint (else AWS_ENDPOINT_URL)")
+    args = p.parse_args(argv)
+    if args.s3_endpoint:
+        os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint
+    return args
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def read_decode(batch: dict, max_pixels: int) -> dict:
+    """CPU task: fetch (with retries) and decode each image; failures become error rows."""
+    from segpc.imaging import MAX_PIXELS, decode_image
+    from segpc.storage import read_bytes
+
+    n = len(batch["uri"])
+    status, error, width, height, seconds, work = [], [], [], [], [], []
+    for i in range(n):
+        t0 = time.perf_counter()
+        try:
+            image = decode_image(read_bytes(batch["uri"][i]), batch["uri"][i], max_pixels or MAX_PIXELS)
+            status.append("ok"), error.append(""), width.append(image.shape[1]), height.append(image.shape[0])
+            work.append(Work(image=image))
+        except (InputError, OSError) as exc:
+            status.append("error"), error.append(str(exc)), width.append(0), height.append(0)
+            work.append(Work())
+        seconds.append(time.perf_counter() - t0)
+    return {**batch, "status": np.array(status), "error": np.array(error), "width": np.array(width),
+            "height": np.array(height), "seconds": np.array(seconds), "work": _objects(work)}
+
+
+def _objects(items: list) -> np.ndarray:
+    out = np.empty(len(items), dtype=object)
+    out[:] = items
+    return out
+
+
+class _Stage:
+    """Shared actor set-up: one bundle load per actor, explicit threads, the job's rule."""
+
+    def _setup(self, bundle_uri: str, threads: int, keep_all: bool, scales: list[float], nucleus: bool):
+        import torch
+
+        from segpc.bundle import load_bundle
+
+        torch.set_num_threads(max(1, threads))
+        self.bundle = load_bundle(bundle_uri, device="cpu", scales=scales, nucleus=nucleus)
+        self.config = self.bundle.config
+        if keep_all:
+            self.config.aggregation.mode = "keep-all"
+
+
+class NucleusStage(_Stage):
+    def __init__(self, bundle_uri: str, threads: int, keep_all: bool, batch_size: int):
+        from segpc.segmenter import nucleus_fn
+
+        self._setup(bundle_uri, threads, keep_all, [], True)
+        self.fn = nucleus_fn(self.bundle, None, batch_size)
+
+    def __call__(self, batch: dict) -> dict:
+        from segpc.segmenter import detect
+
+        t0 = time.perf_counter()
+        rows = [i for i, w in enumerate(batch["work"]) if w.image is not None]
+        for i, st in zip(rows, detect([batch["work"][i].image for i in rows], self.fn, self.config)):
+            batch["work"][i].state = st
+        _charge(batch, rows, time.perf_counter() - t0)
+        return batch
+
+
+class ScaleStage(_Stage):
+    def __init__(self, bundle_uri: str, scale: float, threads: int, keep_all: bool, batch_size: int):
+        from segpc.segmenter import cell_fn
+
+        self._setup(bundle_uri, threads, keep_all, [scale], False)
+        self.scale = scale
+        self.fn = cell_fn(self.bundle, None, batch_size)
+
+    def __call__(self, batch: dict) -> dict:
+        from segpc.segmenter import run_scale
+
+        t0 = time.perf_counter()
+        rows = [i for i, w in enumerate(batch["work"]) if w.state is not None]
+        run_scale([batch["work"][i].state for i in rows], self.scale, self.fn, self.config)
+        _charge(batch, rows, time.perf_counter() - t0)
+        return batch
+
+
+def _charge(batch: dict, rows: list[int], seconds: float) -> None:
+    """Spread a batch's stage time over its images (the per-image ``seconds`` column)."""
+    if rows:
+        batch["seconds"] = batch["seconds"].astype(float)
+        batch["seconds"][rows] += seconds / len(rows)
+
+
+class Finalize:
+    """CPU stage: aggregation, label masks and all writes of a batch (images/ part last)."""
+
+    def __init__(self, bundle_uri: str, output: str, segpc_masks: bool, overlays: bool, keep_all: bool):
+        from segpc.bundle import read_bundle_meta
+        from segpc.config import Config
+        from segpc.outputs import OutputWriter
+
+        self.config = Config.from_dict(read_bundle_meta(bundle_uri)["config"])
+        if keep_all:
+            self.config.aggregation.mode = "keep-all"
+        self.writer = OutputWriter(output, segpc_masks, overlays)
+        self.overlays = overlays
+
+    def __call__(self, batch: dict) -> dict:
+        from segpc.inputs import InputImage
+        from segpc.outputs import ImageRecord
+        from segpc.segmenter import finish
+
+        records = []
+        for i, w in enumerate(batch["work"]):
+            t0 = time.perf_counter()
+            result = finish(w.state, self.config) if w.state is not None else None
+            records.append(ImageRecord(
+                InputImage(batch["uri"][i], batch["image_id"][i], batch["slide_id"][i]),
+                batch["status"][i], batch["error"][i], int(batch["width"][i]), int(batch["height"][i]),
+                float(batch["seconds"][i]) + time.perf_counter() - t0, result,
+                w.image if self.overlays else None))
+        rows = self.writer.write(records)
+        return {k: np.array([r[k] if r[k] is not None else "" for r in rows]) for k in rows[0]}
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+@dataclass
+class Plan:
+    """Pool sizes and per-actor resources, from the flags and the cluster."""
+
+    nucleus_actors: int
+    cytoplasm_actors: int
+    nucleus_gpu: float
+    cytoplasm_gpu: float
+    actor_cpus: float
+    threads: int
+    batch_size: int
+
+
+def plan_resources(args: argparse.Namespace, cluster: dict, n_scales: int) -> Plan:
+    """GPU cluster: per GPU, one nucleus actor (half a GPU) and one actor per scale sharing
+    the other half. CPU only: every actor gets a fraction of the CPUs, leaving a quarter
+    for the read and write tasks, so small machines never deadlock."""
+    gpus = cluster.get("GPU", 0) if args.gpus is None else args.gpus
+    cpus = cluster.get("CPU", 1)
+    n_nuc = args.nucleus_actors or max(1, int(gpus))
+    n_cyt = args.cytoplasm_actors or n_nuc
+    if gpus > 0:
+        cyt_gpu = args.cytoplasm_gpu if args.cytoplasm_gpu is not None else (1 - args.nucleus_gpu) / n_scales
+        return Plan(n_nuc, n_cyt, args.nucleus_gpu, cyt_gpu, 1.0, args.threads or 2, args.batch_size or 16)
+    actors = n_nuc + n_cyt * n_scales
+    actor_cpus = max(0.05, round(cpus * 0.75 / actors, 3))
+    threads = args.threads or max(1, int(cpus // max(n_nuc, 1)))
+    return Plan(n_nuc, n_cyt, 0.0, 0.0, actor_cpus, threads, args.batch_size or 8)
+
+
+def build_pipeline(items: list, args: argparse.Namespace, plan: Plan, scales: list[float]):
+    """The Ray Data graph, top to bottom."""
+    import ray
+
+    from ray_jobs.common import worker_runtime_env
+
+    keep_all = args.keep_all
+    env = worker_runtime_env() or None
+    ds = ray.data.from_items([{"uri": it.uri, "image_id": it.image_id, "slide_id": it.slide_id}
+                              for it in items], override_num_blocks=max(1, min(len(items) // 4, 1000)))
+    ds = ds.map_batches(read_decode, fn_kwargs={"max_pixels": args.max_pixels}, batch_size=4,
+                        num_cpus=0.25, batch_format="numpy", runtime_env=env)
+    ds = ds.map_batches(NucleusStage, fn_constructor_kwargs={
+                            "bundle_uri": args.bundle, "threads": plan.threads, "keep_all": keep_all,
+                            "batch_size": plan.batch_size},
+                        compute=ray.data.ActorPoolStrategy(size=plan.nucleus_actors),
+                        batch_size=plan.batch_size, num_gpus=plan.nucleus_gpu or None,
+                        num_cpus=plan.actor_cpus, batch_format="numpy", runtime_env=env)
+    for scale in scales:
+        ds = ds.map_batches(ScaleStage, fn_constructor_kwargs={
+                                "bundle_uri": args.bundle, "scale": scale, "threads": plan.threads,
+                                "keep_all": keep_all, "batch_size": plan.batch_size * 4},
+                            compute=ray.data.ActorPoolStrategy(size=plan.cytoplasm_actors),
+                            batch_size=plan.batch_size, num_gpus=plan.cytoplasm_gpu or None,
+                            num_cpus=plan.actor_cpus, batch_format="numpy", runtime_env=env)
+    return ds.map_batches(Finalize, fn_constructor_kwargs={
+                              "bundle_uri": args.bundle, "output": args.output,
+                              "segpc_masks": args.segpc_masks, "overlays": args.overlays,
+                              "keep_all": keep_all},
+                          compute=ray.data.ActorPoolStrategy(size=1), batch_size=8, num_cpus=0.25,
+                          batch_format="numpy", runtime_env=env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    import ray
+
+    from ray_jobs.common import init_ray
+    from segpc.bundle import load_bundle
+    from segpc.inputs import list_inputs
+    from segpc.outputs import done_image_ids, remove_orphan_cells
+    from segpc.slides import write_slides_table
+
+    t0 = time.time()
+    bundle = load_bundle(args.bundle)  # a bad bundle stops here, before any work
+    scales = list(bundle.config.cytoplasm.scales)
+    del bundle
+    items = list_inputs(args.input, args.manifest)
+    done: set[str] = set()
+    if args.resume:
+        removed = remove_orphan_cells(args.output)
+        done = done_image_ids(args.output)
+        print(f"[segment] resume: {len(done)} image(s) already done"
+              + (f", {removed} unfinished part(s) removed" if removed else ""), flush=True)
+    elif done_image_ids(args.output):
+        raise InputError(f"{args.output} already holds results: pass --resume to complete them, "
+                         "or choose another --output")
+    todo = [it for it in items if it.image_id not in done]
+    print(f"[segment] {len(items)} input image(s), {len(todo)} to do", flush=True)
+    init_ray()
+    plan = plan_resources(args, ray.cluster_resources(), len(scales))
+    print(f"[segment] plan: {plan}", flush=True)
+    counts = {"ok": 0, "error": 0, "cells": 0}
+    if todo:
+        ds = build_pipeline(todo, args, plan, scales)
+        seen, t_start = 0, time.time()
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for status, n_cells in zip(batch["status"], batch["n_cells"]):
+                counts["ok" if status == "ok" else "error"] += 1
+                counts["cells"] += int(n_cells)
+            before, seen = seen, seen + len(batch["status"])
+            if seen // args.progress_every > before // args.progress_every or seen == len(todo):
+                rate = seen / max(time.time() - t_start, 1e-9)
+                print(f"[segment] {seen}/{len(todo)} images, {rate:.2f} images/s, {counts['cells']} cells, "
+                      f"{counts['error']} error(s)", flush=True)
+    slides = write_slides_table(args.output)
+    wall = time.time() - t0
+    print(f"[segment] done in {wall:.1f}s: {counts['ok']} ok, {counts['error']} error(s), "
+          f"{counts['cells']} plasma cells in this run", flush=True)
+    print(slides[["slide_id", "images", "images_error", "plasma_cells", "mean_cells_per_image"]]
+          .to_string(index=False), flush=True)
+    print(f"[segment] outputs: {args.output}/{{images,cells}}/, slides.parquet, masks.zarr"
+          + (", segpc/" if args.segpc_masks else "") + (", overlays/" if args.overlays else ""), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""The batch job's inputs: image files under a prefix (any depth) and their ids and slides.
+
+``slide_id`` is the first folder below the prefix (or comes from a manifest). ``image_id``
+is the file name without suffix (so SegPC ids such as ``1605`` survive and outputs score
+against the SegPC truth), made safe for file and Zarr-group names; where two files share a
+name (``img1.bmp`` in two slides) their ids are built from the whole relative path instead,
+so ids are unique within the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import re
+from dataclasses import dataclass
+
+from segpc.errors import InputError
+from segpc.imaging import IMAGE_SUFFIXES
+from segpc.storage import filesystem
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+MAX_ID_LENGTH = 120
+
+
+@dataclass(frozen=True)
+class InputImage:
+    uri: str
+    image_id: str
+    slide_id: str
+
+
+def safe_id(relative: str) -> str:
+    """A file-name-safe id for a relative path; a short hash keeps altered names unique."""
+    stem = relative.rsplit(".", 1)[0] if "." in relative.rsplit("/", 1)[-1] else relative
+    safe = _UNSAFE.sub("_", stem.replace("/", "__")).strip("._") or "image"
+    if safe != stem.replace("/", "__") or len(safe) > MAX_ID_LENGTH:
+        digest = hashlib.sha1(relative.encode()).hexdigest()[:8]
+        safe = f"{safe[:MAX_ID_LENGTH - 9]}-{digest}"
+    return safe
+
+
+def list_inputs(prefix: str, manifest: str | None = None) -> list[InputImage]:
+    """Every image under ``prefix`` in path order, or the images a manifest names."""
+    fs, root = filesystem(prefix)
+    try:
+        if manifest:
+            rows = _read_manifest(manifest)
+            paths = [(r[0] if "://" in r[0] or r[0].startswith("/") else f"{prefix.rstrip('/')}/{r[0]}", r[1])
+                     for r in rows]
+            return _unique([(u, _relative(u, prefix), s) for u, s in paths])
+        if not fs.exists(root):
+            raise InputError(f"{prefix}: input not found")
+        found = sorted(p for p in fs.find(root) if p.lower().endswith(IMAGE_SUFFIXES))
+    except InputError:
+        raise
+    except Exception as exc:  # network, credentials, bucket names
+        raise InputError(f"{prefix}: cannot list the input ({type(exc).__name__}: {exc})") from None
+    if not found:
+        raise InputError(f"{prefix}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+    scheme = prefix.split("://", 1)[0] + "://" if "://" in prefix else ""
+    items = []
+    for p in found:
+        rel = p[len(root.rstrip("/")) + 1:]
+        items.append((scheme + p, rel, rel.split("/", 1)[0] if "/" in rel else "unknown"))
+    return _unique(items)
+
+
+def _relative(uri: str, prefix: str) -> str:
+    p = prefix.rstrip("/") + "/"
+    return uri[len(p):] if uri.startswith(p) else uri.rsplit("/", 1)[-1]
+
+
+def _unique(items: list[tuple[str, str, str]]) -> list[InputImage]:
+    """(uri, relative path, slide) -> inputs whose ids are the file stems where those are
+    unique, else the relative paths; a numeric suffix settles what is still equal."""
+    stems = [safe_id(rel.rsplit("/", 1)[-1]) for _, rel, _ in items]
+    clash = {s for s in stems if stems.count(s) > 1} if len(set(stems)) < len(stems) else set()
+    seen: dict[str, int] = {}
+    out = []
+    for (uri, rel, slide), stem in zip(items, stems):
+        image_id = safe_id(rel) if stem in clash else stem
+        n = seen.get(image_id, 0)
+        seen[image_id] = n + 1
+        out.append(InputImage(uri, image_id if n == 0 else f"{image_id}-{n}", slide))
+    return out
+
+
+def _read_manifest(uri: str) -> list[tuple[str, str]]:
+    """(path, slide_id) rows of a CSV or Parquet manifest."""
+    fs, path = filesystem(uri)
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError:
+        raise InputError(f"{uri}: manifest not found") from None
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(io.BytesIO(data)).to_pylist()
+    else:
+        table = list(csv.DictReader(io.StringIO(data.decode())))
+    if not table or not {"path", "slide_id"} <= set(table[0]):
+        raise InputError(f"{uri}: manifest needs the columns path, slide_id")
+    return [(str(r["path"]), str(r["slide_id"])) for r in table]

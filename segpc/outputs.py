@@ -1,0 +1,216 @@
+"""The batch job's outputs under one ``--output`` URI, written idempotently.
+
+``images/`` and ``cells/`` are Parquet parts written in pairs (one pair per batch, one
+name): cells first, then the label masks, overlays and SegPC masks, and the ``images/``
+part last. An image counts as done only once its ``images/`` row exists; ``--resume``
+deletes ``cells/`` parts left without their ``images/`` part by an interruption and skips
+the done images, so the finished set is complete and duplicate-free.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from segpc.imaging import encode_png
+from segpc.inputs import InputImage
+from segpc.overlay import draw_overlay
+from segpc.segmenter import ImageResult
+from segpc.storage import filesystem, join, storage_options
+
+IMAGES_SCHEMA = pa.schema([
+    ("image_id", pa.string()), ("slide_id", pa.string()), ("source_uri", pa.string()),
+    ("status", pa.string()), ("error", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
+    ("n_cells", pa.int32()), ("n_nuclei", pa.int32()), ("cytoplasm_inferences", pa.int32()),
+    ("seconds", pa.float64()),
+])
+CELLS_SCHEMA = pa.schema([
+    ("image_id", pa.string()), ("slide_id", pa.string()), ("cell_id", pa.int32()),
+    ("y0", pa.int32()), ("x0", pa.int32()), ("y1", pa.int32()), ("x1", pa.int32()),
+    ("nucleus_area", pa.int64()), ("cell_area", pa.int64()), ("cytoplasm_area", pa.int64()),
+    ("ratio", pa.float64()), ("scale", pa.float64()), ("nucleus_score", pa.float64()),
+    ("cell_score", pa.float64()), ("truncated", pa.bool_()),
+    # masks of the cell's box (y1-y0 rows, x1-x0 columns), row-major, np.packbits
+    ("nucleus_mask", pa.binary()), ("cell_mask", pa.binary()),
+])
+
+
+@dataclass
+class ImageRecord:
+    """Everything known about one input image at the end of the pipeline."""
+
+    input: InputImage
+    status: str  # "ok" | "error"
+    error: str = ""
+    width: int = 0
+    height: int = 0
+    seconds: float = 0.0
+    result: ImageResult | None = None
+    image: np.ndarray | None = None  # for overlays
+
+
+def unpack_mask(bits: bytes, box: tuple[int, int, int, int]) -> np.ndarray:
+    """Inverse of the ``cells/`` mask encoding: a bool (y1-y0, x1-x0) array."""
+    y0, x0, y1, x1 = box
+    n = (y1 - y0) * (x1 - x0)
+    return np.unpackbits(np.frombuffer(bits, np.uint8), count=n).astype(bool).reshape(y1 - y0, x1 - x0)
+
+
+class OutputWriter:
+    """Writes batches of :class:`ImageRecord` (one pair of Parquet parts per batch)."""
+
+    def __init__(self, output: str, segpc_masks: bool = False, overlays: bool = False):
+        self.output, self.segpc_masks, self.overlays = output.rstrip("/"), segpc_masks, overlays
+        self.fs, self.root = filesystem(self.output)
+
+    def write(self, records: list[ImageRecord]) -> list[dict]:
+        if not records:
+            return []
+        part = f"part-{uuid.uuid4().hex}.parquet"
+        cells = [row for r in records if r.result is not None for row in _cell_rows(r)]
+        self._parquet(f"cells/{part}", pa.Table.from_pylist(cells, schema=CELLS_SCHEMA))
+        for r in records:
+            if r.result is not None:
+                self._per_image_files(r)
+        rows = [_image_row(r) for r in records]
+        self._parquet(f"images/{part}", pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA))
+        return [{k: row[k] for k in ("image_id", "slide_id", "status", "error", "n_cells")} for row in rows]
+
+    def _parquet(self, name: str, table: pa.Table) -> None:
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        _put(self.fs, join(self.root, name), buf.getvalue())
+
+    def _per_image_files(self, r: ImageRecord) -> None:
+        nuclei, cells = r.result.label_maps()
+        write_label_masks(self.output, r.input.image_id, nuclei, cells)
+        if self.overlays and r.image is not None:
+            _put(self.fs, join(self.root, "overlays", f"{r.input.image_id}.png"),
+                 encode_png(draw_overlay(r.image, nuclei, cells)))
+        if self.segpc_masks:
+            for old in self.fs.glob(join(self.root, "segpc", f"{r.input.image_id}_*.bmp")):
+                self.fs.rm(old)
+            for inst in r.result.instances():
+                _put(self.fs, join(self.root, "segpc", f"{r.input.image_id}_{inst.k}.bmp"),
+                     _bmp(inst.to_segpc_mask()))
+
+
+def _bmp(mask: np.ndarray) -> bytes:
+    import cv2
+
+    ok, buf = cv2.imencode(".bmp", mask)
+    return buf.tobytes()
+
+
+def _put(fs, path: str, data: bytes) -> None:
+    """Whole-object write; on local disks via a temp name and rename, so readers never
+    see half a file."""
+    parent = path.rsplit("/", 1)[0]
+    fs.makedirs(parent, exist_ok=True)
+    if isinstance(fs, LocalFileSystem):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        fs.pipe_file(tmp, data)
+        fs.mv(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def _image_row(r: ImageRecord) -> dict:
+    res = r.result
+    return {"image_id": r.input.image_id, "slide_id": r.input.slide_id, "source_uri": r.input.uri,
+            "status": r.status, "error": r.error or None, "width": r.width or None,
+            "height": r.height or None, "n_cells": len(res.cells) if res else 0,
+            "n_nuclei": res.n_nuclei if res else 0,
+            "cytoplasm_inferences": sum(res.inferences.values()) if res else 0,
+            "seconds": round(r.seconds, 4)}
+
+
+def _cell_rows(r: ImageRecord) -> list[dict]:
+    rows = []
+    for c in r.result.cells:
+        y0, x0, y1, x1 = c.box
+        rows.append({"image_id": r.input.image_id, "slide_id": r.input.slide_id, "cell_id": c.cell_id,
+                     "y0": y0, "x0": x0, "y1": y1, "x1": x1, "nucleus_area": c.nucleus_area,
+                     "cell_area": c.cell_area, "cytoplasm_area": c.cell_area - c.nucleus_area,
+                     "ratio": c.ratio, "scale": c.scale, "nucleus_score": c.nucleus_score,
+                     "cell_score": c.cell_score, "truncated": c.truncated,
+                     "nucleus_mask": np.packbits(c.nucleus).tobytes(),
+                     "cell_mask": np.packbits(c.cell).tobytes()})
+    return rows
+
+
+def zarr_store(output: str):
+    """The ``masks.zarr`` store of an output URI (local folder or fsspec URL)."""
+    from zarr.storage import FsspecStore, LocalStore
+
+    url = join(output, "masks.zarr")
+    if "://" not in url or url.startswith("file://"):
+        return LocalStore(url.removeprefix("file://"))
+    opts = storage_options(url)
+    return FsspecStore.from_url(url, storage_options={**opts, "asynchronous": True})
+
+
+def write_label_masks(output: str, image_id: str, nuclei: np.ndarray, cells: np.ndarray) -> None:
+    """``masks.zarr/<image_id>/{nuclei,cells}``: chunked, compressed label arrays (overwritten)."""
+    import zarr
+
+    dtype = np.uint16 if max(int(nuclei.max(initial=0)), int(cells.max(initial=0))) < 65535 else np.int32
+    group = zarr.open_group(store=zarr_store(output), path=image_id, mode="w")
+    for name, arr in (("nuclei", nuclei), ("cells", cells)):
+        z = group.create_array(name, shape=arr.shape, dtype=dtype, chunks=(512, 512), fill_value=0)
+        z[...] = arr.astype(dtype)
+    group.attrs["label_meaning"] = "0 background; value = cell_id of cells/ rows"
+
+
+# ------------------------------------------------------------------------------ resume
+
+
+def done_image_ids(output: str) -> set[str]:
+    """Images that already have their ``images/`` row (ok or error)."""
+    fs, root = filesystem(output)
+    paths = _parts(fs, join(root, "images"))
+    if not paths:
+        return set()
+    return set(_read(fs, paths, ["image_id"]).column("image_id").to_pylist())
+
+
+def remove_orphan_cells(output: str) -> int:
+    """Delete ``cells/`` parts whose ``images/`` twin was never written (interrupted batch)."""
+    fs, root = filesystem(output)
+    images = {p.rsplit("/", 1)[-1] for p in _parts(fs, join(root, "images"))}
+    orphans = [p for p in _parts(fs, join(root, "cells")) if p.rsplit("/", 1)[-1] not in images]
+    for p in orphans:
+        fs.rm(p)
+    return len(orphans)
+
+
+def _parts(fs, folder: str) -> list[str]:
+    fs.invalidate_cache(folder)
+    if not fs.exists(folder):
+        return []
+    return sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".parquet"))
+
+
+def _read(fs, paths: list[str], columns: list[str] | None = None) -> pa.Table:
+    tables = []
+    for p in paths:
+        with fs.open(p, "rb") as f:
+            tables.append(pq.read_table(f, columns=columns))
+    return pa.concat_tables(tables) if tables else pa.table({})
+
+
+def read_table(output: str, name: str, columns: list[str] | None = None) -> pa.Table:
+    """All parts of ``images`` or ``cells`` as one table (empty table with the schema if none)."""
+    fs, root = filesystem(output)
+    paths = _parts(fs, join(root, name))
+    schema = IMAGES_SCHEMA if name == "images" else CELLS_SCHEMA
+    if not paths:
+        empty = schema.empty_table()
+        return empty.select(columns) if columns else empty
+    return _read(fs, paths, columns)
