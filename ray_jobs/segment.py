@@ -6,7 +6,7 @@
 Pipeline (streaming, no all-to-all step): list inputs on the driver -> read + decode + validate
 (CPU tasks) -> nucleus U-Net (actor pool) -> one Attention DeepLabv3+ actor pool per scale,
 each running only the nuclei that the cascade still sends to it -> aggregate, label masks
-and writes (CPU tasks). Each image's crops travel with its own row. See ``--help``.
+and writes (CPU tasks). Each image's crops travel with its own row.
 """
 
 from __future__ import annotations
@@ -39,8 +39,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--manifest", default=None, help="CSV/Parquet with columns path, slide_id")
     p.add_argument("--segpc-masks", action="store_true", help="also write segpc/<id>_<k>.bmp (40/20)")
     p.add_argument("--overlays", action="store_true", help="also write overlays/<id>.png QC pictures")
+    p.add_argument("--rule", choices=["cascade", "best", "keep-all"], default="cascade",
+                   help="aggregation: cascade (default), best (every scale, best kept), keep-all")
     p.add_argument("--keep-all", action="store_true",
-                   help="keep every plausible candidate (published challenge mode) instead of the cascade")
+                   help="same as --rule keep-all: every plausible candidate (published challenge mode)")
     p.add_argument("--resume", action="store_true", help="skip images already in images/")
     p.add_argument("--batch-size", type=int, default=None, help="images per model batch (default 8 CPU, 16 GPU)")
     p.add_argument("--nucleus-actors", type=int, default=None, help="nucleus pool size (default: 1 per GPU, else 1)")
@@ -57,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.s3_endpoint:
         os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint
+    if args.keep_all:
+        args.rule = "keep-all"
     return args
 
 
@@ -93,7 +97,7 @@ def _objects(items: list) -> np.ndarray:
 class _Stage:
     """Shared actor set-up: one bundle load per actor, explicit threads, the job's rule."""
 
-    def _setup(self, bundle_uri: str, threads: int, keep_all: bool, scales: list[float], nucleus: bool):
+    def _setup(self, bundle_uri: str, threads: int, rule: str, scales: list[float], nucleus: bool):
         import torch
 
         from segpc.bundle import load_bundle
@@ -101,15 +105,14 @@ class _Stage:
         torch.set_num_threads(max(1, threads))
         self.bundle = load_bundle(bundle_uri, device="cpu", scales=scales, nucleus=nucleus)
         self.config = self.bundle.config
-        if keep_all:
-            self.config.aggregation.mode = "keep-all"
+        self.config.aggregation.mode = rule
 
 
 class NucleusStage(_Stage):
-    def __init__(self, bundle_uri: str, threads: int, keep_all: bool, batch_size: int):
+    def __init__(self, bundle_uri: str, threads: int, rule: str, batch_size: int):
         from segpc.segmenter import nucleus_fn
 
-        self._setup(bundle_uri, threads, keep_all, [], True)
+        self._setup(bundle_uri, threads, rule, [], True)
         self.fn = nucleus_fn(self.bundle, None, batch_size)
 
     def __call__(self, batch: dict) -> dict:
@@ -124,10 +127,10 @@ class NucleusStage(_Stage):
 
 
 class ScaleStage(_Stage):
-    def __init__(self, bundle_uri: str, scale: float, threads: int, keep_all: bool, batch_size: int):
+    def __init__(self, bundle_uri: str, scale: float, threads: int, rule: str, batch_size: int):
         from segpc.segmenter import cell_fn
 
-        self._setup(bundle_uri, threads, keep_all, [scale], False)
+        self._setup(bundle_uri, threads, rule, [scale], False)
         self.scale = scale
         self.fn = cell_fn(self.bundle, None, batch_size)
 
@@ -151,14 +154,13 @@ def _charge(batch: dict, rows: list[int], seconds: float) -> None:
 class Finalize:
     """CPU stage: aggregation, label masks and all writes of a batch (images/ part last)."""
 
-    def __init__(self, bundle_uri: str, output: str, segpc_masks: bool, overlays: bool, keep_all: bool):
+    def __init__(self, bundle_uri: str, output: str, segpc_masks: bool, overlays: bool, rule: str):
         from segpc.bundle import read_bundle_meta
         from segpc.config import Config
         from segpc.outputs import OutputWriter
 
         self.config = Config.from_dict(read_bundle_meta(bundle_uri)["config"])
-        if keep_all:
-            self.config.aggregation.mode = "keep-all"
+        self.config.aggregation.mode = rule
         self.writer = OutputWriter(output, segpc_masks, overlays)
         self.overlays = overlays
 
@@ -219,14 +221,14 @@ def build_pipeline(items: list, args: argparse.Namespace, plan: Plan, scales: li
 
     from ray_jobs.common import worker_runtime_env
 
-    keep_all = args.keep_all
+    rule = args.rule
     env = worker_runtime_env() or None
     ds = ray.data.from_items([{"uri": it.uri, "image_id": it.image_id, "slide_id": it.slide_id}
                               for it in items], override_num_blocks=max(1, min(len(items) // 4, 1000)))
     ds = ds.map_batches(read_decode, fn_kwargs={"max_pixels": args.max_pixels}, batch_size=4,
                         num_cpus=0.25, batch_format="numpy", runtime_env=env)
     ds = ds.map_batches(NucleusStage, fn_constructor_kwargs={
-                            "bundle_uri": args.bundle, "threads": plan.threads, "keep_all": keep_all,
+                            "bundle_uri": args.bundle, "threads": plan.threads, "rule": rule,
                             "batch_size": plan.batch_size},
                         compute=ray.data.ActorPoolStrategy(size=plan.nucleus_actors),
                         batch_size=plan.batch_size, num_gpus=plan.nucleus_gpu or None,
@@ -234,14 +236,14 @@ def build_pipeline(items: list, args: argparse.Namespace, plan: Plan, scales: li
     for scale in scales:
         ds = ds.map_batches(ScaleStage, fn_constructor_kwargs={
                                 "bundle_uri": args.bundle, "scale": scale, "threads": plan.threads,
-                                "keep_all": keep_all, "batch_size": plan.batch_size * 4},
+                                "rule": rule, "batch_size": plan.batch_size * 4},
                             compute=ray.data.ActorPoolStrategy(size=plan.cytoplasm_actors),
                             batch_size=plan.batch_size, num_gpus=plan.cytoplasm_gpu or None,
                             num_cpus=plan.actor_cpus, batch_format="numpy", runtime_env=env)
     return ds.map_batches(Finalize, fn_constructor_kwargs={
                               "bundle_uri": args.bundle, "output": args.output,
                               "segpc_masks": args.segpc_masks, "overlays": args.overlays,
-                              "keep_all": keep_all},
+                              "rule": rule},
                           compute=ray.data.ActorPoolStrategy(size=1), batch_size=8, num_cpus=0.25,
                           batch_format="numpy", runtime_env=env)
 

@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--autoscale", action="store_true",
                    help="with --use-gpu: do not require the GPUs to exist yet (autoscaling cluster)")
     p.add_argument("--epochs", type=int, default=None, help="default: 30 (tiny), 100 (paper)")
+    p.add_argument("--nucleus-epochs", type=int, default=None,
+                   help="epochs of the nucleus U-Net (default: --epochs); it learns slowest")
     p.add_argument("--batch-size", type=int, default=None, help="per worker; default 8")
     p.add_argument("--lr", type=float, default=None,
                    help="Adam learning rate, cosine decay; default 1e-3 (tiny, from scratch), 1e-4 (paper)")
@@ -61,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint
     if args.epochs is None:
         args.epochs = 30 if args.preset == "tiny" else 100
+    if args.nucleus_epochs is None:
+        args.nucleus_epochs = args.epochs
     if args.batch_size is None:
         args.batch_size = 8
     if args.lr is None:
@@ -134,7 +138,8 @@ def run_stage(args: argparse.Namespace, cfg: Config, stage: str, scale: float | 
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"data": args.data, "config": cfg.to_dict(), "stage": stage, "scale": scale,
-                           "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                           "epochs": args.nucleus_epochs if scale is None else args.epochs,
+                           "batch_size": args.batch_size, "lr": args.lr,
                            "seed": args.seed, "threads": cpus, "val_fraction": args.val_fraction,
                            "name": name, "amp": args.use_gpu,
                            # test-only fault hook (off unless set): fail once after this epoch
@@ -223,6 +228,7 @@ def _main(args: argparse.Namespace) -> int:
                                         "epochs": state["epoch"] + 1, "best": state["best_metrics"],
                                         "history": state["history"]}
     bundle.provenance = {"data": args.data, "preset": args.preset, "epochs": args.epochs,
+                         "nucleus_epochs": args.nucleus_epochs,
                          "batch_size": args.batch_size, "lr": args.lr, "num_workers": args.num_workers,
                          "use_gpu": args.use_gpu, "seed": args.seed, "training": history,
                          "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -1,4 +1,4 @@
-"""Command line of the library: ``python -m segpc {synth,evaluate,segment}``."""
+"""Command line of the library: ``python -m segpc {synth,evaluate,submission,segment}``."""
 
 from __future__ import annotations
 
@@ -31,6 +31,13 @@ def _segment(args: argparse.Namespace) -> None:
     print(json.dumps(summary))
 
 
+def _submission(args: argparse.Namespace) -> None:
+    from segpc.segpc_format import submission_from_folder
+
+    submission_from_folder(args.pred, args.out)
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m segpc", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -48,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--truth", required=True, help="folder of <id>_<k>.bmp masks or a SegPC split root")
     e.add_argument("--pred", required=True, help="folder of predicted <id>_<k>.bmp masks")
     e.set_defaults(func=_evaluate)
+    t = sub.add_parser("submission", help="convert <id>_<k>.bmp masks to the challenge's submission.txt")
+    t.add_argument("--pred", required=True, help="folder of <id>_<k>.bmp masks (e.g. a job's segpc/)")
+    t.add_argument("--out", required=True, help="submission.txt to write")
+    t.set_defaults(func=_submission)
+
     g = sub.add_parser("segment", help="segment a local folder of images in one process (no Ray)")
     g.add_argument("--input", required=True, help="folder of images, or a SegPC split root (x/)")
     g.add_argument("--bundle", required=True, help="model bundle folder or s3:// URI")

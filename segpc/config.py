@@ -46,8 +46,9 @@ class AggregationConfig:
     """The cascade (METHOD.md 6) and its documented thresholds; see segpc/aggregate.py."""
 
     windows: dict[float, tuple[float, float]] = field(default_factory=lambda: dict(PAPER_WINDOWS))
+    min_score: float = 0.9  # the cascade stops only on a candidate at least this sure
     touch_fraction: float = 0.02  # of the crop's in-image edge length
-    mode: str = "cascade"  # or "keep-all" (the published submission: every in-window candidate)
+    mode: str = "cascade"  # "best" (every scale, best kept) or "keep-all" (published submission)
 
 
 @dataclass
@@ -83,7 +84,7 @@ class Config:
             raise InputError(f"configuration: no plausibility window for scale(s) {missing}")
         if list(self.cytoplasm.scales) != sorted(self.cytoplasm.scales):
             raise InputError(f"configuration: scales must be ascending, got {self.cytoplasm.scales}")
-        if self.aggregation.mode not in ("cascade", "keep-all"):
+        if self.aggregation.mode not in ("cascade", "best", "keep-all"):
             raise InputError(f"configuration: unknown aggregation mode {self.aggregation.mode!r}")
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
-from segpc.aggregate import Candidate, needs_larger_scale, select
+from segpc.aggregate import Candidate, needs_larger_scale, runs_every_scale, select
 from segpc.config import Config
 from segpc.crops import Box, fit_to_input, unfit
 from segpc.cytoplasm import CropInput, candidate_from_probability, crop_input, gather_inputs
@@ -231,7 +231,7 @@ def detect(images: list[np.ndarray], nucleus_fn: NucleusFn, config: Config) -> l
 
 def pending(state: ImageState, config: Config) -> list[int]:
     """Nuclei (0-based) that still need a scale: none tried yet, or the last one too small."""
-    if config.aggregation.mode == "keep-all":
+    if runs_every_scale(config.aggregation):
         return list(range(len(state.nuclei)))
     return [i for i in range(len(state.nuclei))
             if not state.candidates.get(i) or needs_larger_scale(state.candidates[i][-1], config.aggregation)]

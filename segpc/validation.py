@@ -43,9 +43,10 @@ def score(segmenter: Segmenter, samples: list[Sample], batch_size: int = 4) -> d
 
 
 def compare_rules(segmenter: Segmenter, samples: list[Sample]) -> dict:
-    """{"scale 0.5": {...}, ..., "cascade": {...}, "keep-all": {...}} on the same samples."""
+    """{"scale 0.5": {...}, ..., "cascade": {...}, "best": {...}, "keep-all": {...}}, all on
+    the same samples; "best" runs every scale for every nucleus and keeps the best."""
     cfg = segmenter.config
     variants = {f"scale {s:g}": single_scale(cfg, s) for s in cfg.cytoplasm.scales}
-    variants["cascade"] = with_mode(cfg, "cascade")
-    variants["keep-all"] = with_mode(cfg, "keep-all")
+    for mode in ("cascade", "best", "keep-all"):
+        variants[mode] = with_mode(cfg, mode)
     return {name: score(segmenter.with_config(c), samples) for name, c in variants.items()}

@@ -7,10 +7,10 @@ from segpc.aggregate import Candidate, cytoplasm_ratio, select, touches_crop_edg
 from segpc.config import AggregationConfig
 
 
-def cand(scale, ratio, truncated=False, nucleus_area=100):
+def cand(scale, ratio, truncated=False, nucleus_area=100, score=0.95):
     cell = np.zeros((40, 40), bool)
     cell.flat[: int(round(nucleus_area * (1 + ratio)))] = True
-    return Candidate(scale, (0, 0, 40, 40), cell, nucleus_area, truncated=truncated)
+    return Candidate(scale, (0, 0, 40, 40), cell, nucleus_area, score=score, truncated=truncated)
 
 
 CFG = AggregationConfig()
@@ -34,13 +34,20 @@ def test_cascade_moves_on_when_truncated_or_implausible():
     assert [c.scale for c in select([cand(0.5, 0.9), cand(1.75, 1.2)], CFG)] == [1.75]
 
 
-def test_cascade_fallbacks():
-    # every candidate truncated: the largest plausible one
-    cands = [cand(0.5, 0.5, True), cand(1.75, 2.0, True), cand(2.6, 0.1, True), cand(3.0, 0.2, True)]
+def test_cascade_moves_on_when_unsure():
+    cands = [cand(0.5, 0.3, score=0.7), cand(1.75, 1.0, score=0.93)]
     assert [c.scale for c in select(cands, CFG)] == [1.75]
-    # nothing plausible: the largest scale's candidate
-    cands = [cand(0.5, 0.9, True), cand(1.75, 0.1), cand(3.0, 0.2)]
+
+
+def test_cascade_fallbacks():
+    # nothing acceptable: plausible before implausible, untruncated before truncated, then score
+    cands = [cand(0.5, 0.5, True, score=0.99), cand(1.75, 2.0, score=0.6), cand(2.6, 2.0, score=0.8),
+             cand(3.0, 0.2, score=0.99)]
+    assert [c.scale for c in select(cands, CFG)] == [2.6]
+    cands = [cand(0.5, 0.9, True), cand(1.75, 0.1), cand(3.0, 0.2, score=0.97)]
     assert [c.scale for c in select(cands, CFG)] == [3.0]
+    cands = [cand(0.5, 0.4, True, score=0.7), cand(1.75, 1.0, True, score=0.8)]
+    assert [c.scale for c in select(cands, CFG)] == [1.75]
     assert select([], CFG) == []
 
 
@@ -60,3 +67,9 @@ def test_touching_counts_only_edges_inside_the_image():
     one = np.zeros((20, 20), bool)
     one[0, 5] = True
     assert not touches_crop_edge(one, (10, 10, 30, 30), (100, 100), 0.02)
+
+
+def test_best_mode_keeps_one_by_the_fallback_order():
+    cfg = AggregationConfig(mode="best")
+    cands = [cand(0.5, 0.3, score=0.95), cand(1.75, 1.0, score=0.97), cand(2.6, 1.0, True, score=0.99)]
+    assert [c.scale for c in select(cands, cfg)] == [1.75]

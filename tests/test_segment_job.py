@@ -41,13 +41,32 @@ def bundle(archive, tmp_path_factory):
 
 @pytest.fixture
 def s3_input(s3_bucket, archive):
-    fs, _ = filesystem(s3_bucket)
+    return _upload_input(s3_bucket, archive)
+
+
+def _upload_input(prefix: str, archive: Path) -> tuple[str, dict[str, bytes]]:
+    fs, _ = filesystem(prefix)
     files = slide_layout(archive)
     for n, (name, (data, _)) in enumerate(sorted(bad_files().items())):
         files[f"S0{n % 3 + 1}/{name}"] = data
-    prefix = f"{s3_bucket.removeprefix('s3://')}/in"
-    upload(fs, prefix, files)
-    return f"{s3_bucket}/in", files
+    upload(fs, f"{prefix.removeprefix('s3://')}/in", files)
+    return f"{prefix}/in", files
+
+
+@pytest.fixture(scope="module")
+def job(s3_server, ray_local, archive, bundle):
+    """One run of the job over S3, shared by the checks below."""
+    prefix = "s3://segpc-tests/job-module"
+    fs, _ = filesystem(prefix)
+    if not fs.exists("segpc-tests"):
+        fs.mkdir("segpc-tests")
+    in_uri, files = _upload_input(prefix, archive)
+    bundle_uri = f"{prefix}/bundles/tiny"
+    save_bundle(load_bundle(bundle), bundle_uri)
+    args = ["--input", in_uri, "--output", f"{prefix}/out", "--bundle", bundle_uri, "--segpc-masks",
+            "--overlays", "--max-pixels", MAX_PIXELS, "--progress-every", "5"]
+    assert segment_main(args) == 0
+    return {"input": in_uri, "files": files, "output": f"{prefix}/out", "args": args}
 
 
 def _listing(uri: str) -> dict[str, tuple]:
@@ -55,15 +74,8 @@ def _listing(uri: str) -> dict[str, tuple]:
     return {p: (d["size"], d.get("ETag") or d.get("mtime")) for p, d in fs.find(root, detail=True).items()}
 
 
-def test_job_over_s3(ray_local, s3_bucket, s3_input, bundle, archive, tmp_path):
-    in_uri, files = s3_input
-    out = f"{s3_bucket}/out"
-    bundle_uri = f"{s3_bucket}/bundles/tiny"
-    save_bundle(load_bundle(bundle), bundle_uri)
-    args = ["--input", in_uri, "--output", out, "--bundle", bundle_uri, "--segpc-masks",
-            "--max-pixels", MAX_PIXELS, "--progress-every", "5"]
-    assert segment_main(args) == 0
-
+def test_job_over_s3(job, bundle, archive, tmp_path):
+    in_uri, files, out, args = job["input"], job["files"], job["output"], job["args"]
     images = read_table(out, "images").to_pandas()
     # every input exactly once
     assert sorted(images.source_uri) == sorted(f"{in_uri}/{name}" for name in files)
@@ -118,6 +130,45 @@ def test_job_over_s3(ray_local, s3_bucket, s3_input, bundle, archive, tmp_path):
     assert segment_main(args + ["--resume"]) == 0
     assert _listing(out) == before
 
+
+def test_report_from_the_job_output(job, tmp_path):
+    import re
+    import shutil
+    import subprocess
+
+    from ray_jobs.report import main as report_main
+
+    assert report_main(["--output", job["output"], "--gallery", "4"]) == 0
+    fs, root = filesystem(job["output"])
+    local = tmp_path / "out"
+    fs.get(f"{root}/", str(local), recursive=True)
+    page = (local / "report" / "index.html").read_text()
+    # every picture the page shows exists
+    sources = re.findall(r'<img src="([^"]+)"', page)
+    assert len(sources) == 3 + 4 and all((local / "report" / s).is_file() for s in sources)
+    # its numbers are slides.parquet's
+    import pandas as pd
+
+    slides = pd.read_parquet(local / "slides.parquet")
+    assert f'<b id="n-cells">{slides.plasma_cells.sum()}</b>' in page
+    assert f'<b id="n-images">{slides.images.sum()}</b>' in page
+    for r in slides.itertuples():
+        assert f"<td>{r.slide_id}</td><td>{r.images}</td><td>{r.images_ok}</td><td>{r.images_error}</td>" \
+               f"<td class=n>{r.plasma_cells}</td>" in page
+    assert page.count("<td class=t>") == 2 * int(slides.images_error.sum())
+    # it opens in headless Chromium without console errors
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Chromium is not installed here (apt-get install chromium); the page check needs it")
+    proc = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                           "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                           "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr",
+                           "--v=0", "--virtual-time-budget=5000", "--dump-dom",
+                           (local / "report" / "index.html").as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "Plasma-cell report" in proc.stdout
+    console = [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
+    assert console == []
 
 def test_resume_completes_an_interrupted_run(ray_local, s3_bucket, s3_input, bundle):
     in_uri, files = s3_input

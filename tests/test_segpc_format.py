@@ -231,3 +231,19 @@ def test_submission_from_folder_and_bad_file(tmp_path):
     (tmp_path / "bad.txt").write_text("7\t1,2;3,4\n")
     with pytest.raises(InputError, match="bad.txt:1"):
         read_submission(tmp_path / "bad.txt")
+
+
+def test_submission_command(tmp_path):
+    from segpc.__main__ import main
+    from segpc.segpc_format import read_submission
+
+    nuc = np.zeros((1080, 1440), bool)
+    nuc[100:110, 200:210] = True
+    cell = nuc.copy()
+    cell[95:115, 195:215] = True
+    write_masks(tmp_path / "pred", "img7", [Instance(nuc, cell, k=1)])
+    assert main(["submission", "--pred", str(tmp_path / "pred"), "--out", str(tmp_path / "s.txt")]) == 0
+    parsed = read_submission(tmp_path / "s.txt")
+    (nuc_rc, cyto_rc), = parsed["img7"]
+    assert len(nuc_rc) == 100 and len(cyto_rc) == 400 - 100
+    assert main(["submission", "--pred", str(tmp_path / "missing"), "--out", str(tmp_path / "t.txt")]) == 2

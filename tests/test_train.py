@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import pytest
 
 from ray_jobs.train import main as train_main

@@ -1,0 +1,93 @@
+"""Peak memory of the Ray batch job for an archive of N and of 4N images.
+
+    python benchmarks/segment_memory.py --bundle BUNDLE [--images 50]
+
+Each run is a fresh `python -m ray_jobs.segment` (its own local Ray); the peak of the
+summed PSS (proportional set size: shared pages such as the object store counted once)
+of the driver and every process it started is sampled every 0.2 s. Target: the 4N peak
+at most 1.2x the N peak (streaming: memory does not grow with the archive).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from _common import slide_folders
+
+
+def _children(pid: int) -> set[int]:
+    kids = {pid}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.add(int(d.name)) if ppid == pid else None
+    return kids
+
+
+def _tree(pid: int) -> set[int]:
+    seen, todo = set(), {pid}
+    while todo:
+        p = todo.pop()
+        seen.add(p)
+        todo |= _children(p) - seen
+    return seen
+
+
+def _pss_kib(pid: int) -> int:
+    try:
+        for line in (Path("/proc") / str(pid) / "smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def run(folder: Path, out: Path, bundle: str) -> tuple[float, float]:
+    proc = subprocess.Popen([sys.executable, "-m", "ray_jobs.segment", "--input", str(folder),
+                             "--output", str(out), "--bundle", bundle, "--progress-every", "100000"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=Path(__file__).resolve().parents[1])
+    peak = [0]
+
+    def sample():
+        while proc.poll() is None:
+            peak[0] = max(peak[0], sum(_pss_kib(p) for p in _tree(proc.pid)))
+            time.sleep(0.2)
+
+    t0 = time.time()
+    thread = threading.Thread(target=sample)
+    thread.start()
+    proc.wait()
+    thread.join()
+    assert proc.returncode == 0, "the job failed"
+    return peak[0] / 1024, time.time() - t0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--images", type=int, default=50)
+    p.add_argument("--size", default="640x480")
+    args = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="segpc-mem-"))
+    peaks = {}
+    for n in (args.images, 4 * args.images):
+        _, folder = slide_folders(work, n, 4, seed=5, size=args.size)
+        peaks[n], wall = run(folder, work / f"out-{n}", args.bundle)
+        print(f"{n:5d} images: peak PSS {peaks[n]:.0f} MiB, {wall:.0f}s ({n / wall:.2f} images/s)")
+    print(f"peak memory growth 4N / N: {peaks[4 * args.images] / peaks[args.images]:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The Ray batch job against the single-process segmenter, on the same images and bundle.
+
+    python benchmarks/segment_throughput.py --bundle BUNDLE [--images 120] [--size 640x480]
+
+Both read the images from disk, segment them and write the same outputs (images/, cells/,
+masks.zarr); both times include loading the models (and, for Ray, starting Ray). Prints
+images/s for each and the ratio (target: Ray >= 0.8x on one machine). Then runs the job
+with --rule best (every scale for every nucleus) and compares cytoplasm inferences and
+strict F1 with the cascade (target: >= 40% of the inferences saved, F1 no worse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import slide_folders
+
+from ray_jobs.segment import main as segment_main
+from segpc.imaging import read_image
+from segpc.inputs import list_inputs
+from segpc.metrics import evaluate_folders
+from segpc.outputs import ImageRecord, OutputWriter, read_table
+from segpc.segmenter import Segmenter
+
+
+def single_process(folder: Path, bundle: str, out: str, batch: int = 8) -> float:
+    t0 = time.perf_counter()
+    seg = Segmenter.from_bundle(bundle, device="cpu")
+    writer = OutputWriter(out)
+    items = list_inputs(str(folder))
+    for i in range(0, len(items), batch):
+        chunk = items[i:i + batch]
+        images = [read_image(it.uri) for it in chunk]
+        results = seg.segment_batch(images)
+        writer.write([ImageRecord(it, "ok", "", im.shape[1], im.shape[0], 0.0, r)
+                      for it, im, r in zip(chunk, images, results)])
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--images", type=int, default=120)
+    p.add_argument("--size", default="640x480")
+    args = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="segpc-tput-"))
+    archive, folder = slide_folders(work, args.images, 4, seed=21, size=args.size)
+
+    t_single = single_process(folder, args.bundle, str(work / "single"))
+    t0 = time.perf_counter()
+    rc = segment_main(["--input", str(folder), "--output", str(work / "ray"), "--bundle", args.bundle,
+                       "--segpc-masks", "--progress-every", "1000"])
+    t_ray = time.perf_counter() - t0
+    assert rc == 0
+    n = args.images
+    print(f"\nsingle process: {t_single:.1f}s = {n / t_single:.2f} images/s")
+    print(f"Ray job:        {t_ray:.1f}s = {n / t_ray:.2f} images/s")
+    print(f"ratio Ray / single-process throughput: {t_single / t_ray:.2f}x")
+
+    rc = segment_main(["--input", str(folder), "--output", str(work / "best"), "--bundle", args.bundle,
+                       "--segpc-masks", "--rule", "best", "--progress-every", "1000"])
+    assert rc == 0
+    inf = {r: int(read_table(str(work / r), "images").column("cytoplasm_inferences").to_numpy().sum())
+           for r in ("ray", "best")}
+    f1 = {r: evaluate_folders(archive, work / r / "segpc") for r in ("ray", "best")}
+    saved = 1 - inf["ray"] / max(inf["best"], 1)
+    print(f"cytoplasm inferences: cascade {inf['ray']}, every scale {inf['best']} -> {saved:.0%} saved")
+    print(f"strict F1: cascade {f1['ray']['f1']:.4f}, every scale {f1['best']['f1']:.4f}; "
+          f"official mIoU: cascade {f1['ray']['miou']:.4f}, every scale {f1['best']['miou']:.4f}")
+    print(json.dumps({"single_s": t_single, "ray_s": t_ray, "ratio": t_single / t_ray,
+                      "inferences": inf, "saved": saved,
+                      "f1": {k: v["f1"] for k, v in f1.items()}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

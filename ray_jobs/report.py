@@ -1,0 +1,39 @@
+"""Build the analysts' HTML report of a batch-job output (no Ray needed).
+
+    python -m ray_jobs.report --output URI [--gallery N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from segpc.errors import InputError
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ray_jobs.report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", required=True, help="the batch job's --output (local or s3://)")
+    p.add_argument("--gallery", type=int, default=12, help="QC overlays to include (most cells first)")
+    p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint (else AWS_ENDPOINT_URL)")
+    args = p.parse_args(argv)
+    if args.s3_endpoint:
+        os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint
+    from segpc.report import build_report
+
+    try:
+        page = build_report(args.output, args.gallery)
+    except FileNotFoundError as exc:
+        print(f"error: {args.output}: not a batch-job output ({exc})", file=sys.stderr)
+        return 2
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"report: {page}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
