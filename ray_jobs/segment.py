@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cytoplasm-gpu", type=float, default=None,
                    help="GPU fraction per cytoplasm actor (default: the rest of a GPU shared by the scales)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per CPU actor")
+    p.add_argument("--fuse-scales", action=argparse.BooleanOptionalAction, default=None,
+                   help="one actor pool for all scales instead of one per scale "
+                        "(default: fused without GPUs, per scale with GPUs)")
     p.add_argument("--max-pixels", type=int, default=None, help="refuse larger images (default 50 MP)")
     p.add_argument("--progress-every", type=int, default=50, help="a progress line every N images")
     p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint (else AWS_ENDPOINT_URL)")
@@ -127,11 +130,15 @@ class NucleusStage(_Stage):
 
 
 class ScaleStage(_Stage):
-    def __init__(self, bundle_uri: str, scale: float, threads: int, rule: str, batch_size: int):
+    """One pool per scale (``scales`` = [s]); or, with ``--fuse-scales``, one pool that runs
+    the whole cascade (``scales`` = all): on CPUs that saves three model loads and three
+    hand-overs of every row, and the cascade still skips the scales a nucleus does not need."""
+
+    def __init__(self, bundle_uri: str, scales: list[float], threads: int, rule: str, batch_size: int):
         from segpc.segmenter import cell_fn
 
-        self._setup(bundle_uri, threads, rule, [scale], False)
-        self.scale = scale
+        self._setup(bundle_uri, threads, rule, scales, False)
+        self.scales = scales
         self.fn = cell_fn(self.bundle, None, batch_size)
 
     def __call__(self, batch: dict) -> dict:
@@ -139,7 +146,8 @@ class ScaleStage(_Stage):
 
         t0 = time.perf_counter()
         rows = [i for i, w in enumerate(batch["work"]) if w.state is not None]
-        run_scale([batch["work"][i].state for i in rows], self.scale, self.fn, self.config)
+        for scale in self.scales:
+            run_scale([batch["work"][i].state for i in rows], scale, self.fn, self.config)
         _charge(batch, rows, time.perf_counter() - t0)
         return batch
 
@@ -196,23 +204,29 @@ class Plan:
     actor_cpus: float
     threads: int
     batch_size: int
+    fuse_scales: bool = False
 
 
 def plan_resources(args: argparse.Namespace, cluster: dict, n_scales: int) -> Plan:
     """GPU cluster: per GPU, one nucleus actor (half a GPU) and one actor per scale sharing
-    the other half. CPU only: every actor gets a fraction of the CPUs, leaving a quarter
-    for the read and write tasks, so small machines never deadlock."""
+    the other half. CPU only: the scales share one pool (``--fuse-scales``), every actor gets
+    a fraction of the CPUs, leaving a quarter for the read and write tasks, so small
+    machines never deadlock, and torch threads are split between the actors."""
     gpus = cluster.get("GPU", 0) if args.gpus is None else args.gpus
     cpus = cluster.get("CPU", 1)
     n_nuc = args.nucleus_actors or max(1, int(gpus))
     n_cyt = args.cytoplasm_actors or n_nuc
+    fuse = args.fuse_scales if args.fuse_scales is not None else gpus == 0
     if gpus > 0:
-        cyt_gpu = args.cytoplasm_gpu if args.cytoplasm_gpu is not None else (1 - args.nucleus_gpu) / n_scales
-        return Plan(n_nuc, n_cyt, args.nucleus_gpu, cyt_gpu, 1.0, args.threads or 2, args.batch_size or 16)
-    actors = n_nuc + n_cyt * n_scales
+        cyt_gpu = args.cytoplasm_gpu if args.cytoplasm_gpu is not None else \
+            (1 - args.nucleus_gpu) / (1 if fuse else n_scales)
+        return Plan(n_nuc, n_cyt, args.nucleus_gpu, cyt_gpu, 1.0, args.threads or 2, args.batch_size or 16, fuse)
+    actors = n_nuc + n_cyt * (1 if fuse else n_scales)
     actor_cpus = max(0.05, round(cpus * 0.75 / actors, 3))
-    threads = args.threads or max(1, int(cpus // max(n_nuc, 1)))
-    return Plan(n_nuc, n_cyt, 0.0, 0.0, actor_cpus, threads, args.batch_size or 8)
+    # the stages run at once, so their torch threads share the cores (oversubscribing them
+    # cost 20% on 2 cores)
+    threads = args.threads or max(1, int(cpus // actors))
+    return Plan(n_nuc, n_cyt, 0.0, 0.0, actor_cpus, threads, args.batch_size or 8, fuse)
 
 
 def build_pipeline(items: list, args: argparse.Namespace, plan: Plan, scales: list[float]):
@@ -233,9 +247,9 @@ def build_pipeline(items: list, args: argparse.Namespace, plan: Plan, scales: li
                         compute=ray.data.ActorPoolStrategy(size=plan.nucleus_actors),
                         batch_size=plan.batch_size, num_gpus=plan.nucleus_gpu or None,
                         num_cpus=plan.actor_cpus, batch_format="numpy", runtime_env=env)
-    for scale in scales:
+    for group in ([scales] if plan.fuse_scales else [[s] for s in scales]):
         ds = ds.map_batches(ScaleStage, fn_constructor_kwargs={
-                                "bundle_uri": args.bundle, "scale": scale, "threads": plan.threads,
+                                "bundle_uri": args.bundle, "scales": group, "threads": plan.threads,
                                 "rule": rule, "batch_size": plan.batch_size * 4},
                             compute=ray.data.ActorPoolStrategy(size=plan.cytoplasm_actors),
                             batch_size=plan.batch_size, num_gpus=plan.cytoplasm_gpu or None,
@@ -251,13 +265,15 @@ def build_pipeline(items: list, args: argparse.Namespace, plan: Plan, scales: li
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        return run(args)
+        run(args)
+        return 0
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> dict:
+    """The job; returns its summary (counts, wall time, time spent in the pipeline)."""
     import ray
 
     from ray_jobs.common import init_ray
@@ -285,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
     init_ray()
     plan = plan_resources(args, ray.cluster_resources(), len(scales))
     print(f"[segment] plan: {plan}", flush=True)
-    counts = {"ok": 0, "error": 0, "cells": 0}
+    counts = {"ok": 0, "error": 0, "cells": 0, "pipeline_s": 0.0}
     if todo:
         ds = build_pipeline(todo, args, plan, scales)
         seen, t_start = 0, time.time()
@@ -298,6 +314,7 @@ def run(args: argparse.Namespace) -> int:
                 rate = seen / max(time.time() - t_start, 1e-9)
                 print(f"[segment] {seen}/{len(todo)} images, {rate:.2f} images/s, {counts['cells']} cells, "
                       f"{counts['error']} error(s)", flush=True)
+        counts["pipeline_s"] = time.time() - t_start
     slides = write_slides_table(args.output)
     wall = time.time() - t0
     print(f"[segment] done in {wall:.1f}s: {counts['ok']} ok, {counts['error']} error(s), "
@@ -306,7 +323,7 @@ def run(args: argparse.Namespace) -> int:
           .to_string(index=False), flush=True)
     print(f"[segment] outputs: {args.output}/{{images,cells}}/, slides.parquet, masks.zarr"
           + (", segpc/" if args.segpc_masks else "") + (", overlays/" if args.overlays else ""), flush=True)
-    return 0
+    return {**counts, "wall_s": wall}
 
 
 if __name__ == "__main__":

@@ -173,7 +173,9 @@ def test_report_from_the_job_output(job, tmp_path):
 def test_resume_completes_an_interrupted_run(ray_local, s3_bucket, s3_input, bundle):
     in_uri, files = s3_input
     out = f"{s3_bucket}/out"
-    args = ["--input", in_uri, "--output", out, "--bundle", bundle, "--max-pixels", MAX_PIXELS]
+    # one actor pool per scale here (the default on GPUs); the other tests run them fused
+    args = ["--input", in_uri, "--output", out, "--bundle", bundle, "--max-pixels", MAX_PIXELS,
+            "--no-fuse-scales"]
     assert segment_main(args) == 0
     full = read_table(out, "images").to_pandas().sort_values("image_id").reset_index(drop=True)
     full_cells = read_table(out, "cells").to_pandas()

@@ -1,0 +1,22 @@
+"""The demo's whole path at a small size: synthetic data in S3 -> Ray Train -> batch job -> report."""
+
+import pandas as pd
+import pytest
+
+from ray_jobs.demo import main as demo_main
+
+pytestmark = [pytest.mark.ray, pytest.mark.s3]
+
+
+def test_demo_end_to_end_small(s3_server, ray_local, tmp_path, capsys):
+    work = tmp_path / "demo"
+    rc = demo_main(["--workdir", str(work), "--bucket", "segpc-tests", "--images-train", "8",
+                    "--images", "4", "--slides", "2", "--size", "320x240", "--epochs", "1",
+                    "--nucleus-epochs", "2"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "plasma cells per slide" in out and "evaluation against the synthetic truth" in out
+    slides = pd.read_parquet(work / "results" / "slides.parquet")
+    assert sorted(slides.slide_id) == ["S01", "S02"] and slides.images.sum() == 4
+    assert (work / "results" / "report" / "index.html").is_file()
+    assert len(list((work / "results" / "overlays").glob("*.png"))) == 4

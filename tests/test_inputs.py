@@ -1,0 +1,48 @@
+"""Input listing: slides from folders, safe and unique ids whatever the file names."""
+
+import re
+
+import pytest
+
+from segpc.errors import InputError
+from segpc.inputs import MAX_ID_LENGTH, list_inputs, safe_id
+
+SAFE = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+def test_slides_and_ids_from_folders(tmp_path):
+    for rel in ["S1/a.bmp", "S1/deeper/b.png", "S2/c.jpg", "notes.txt", "S2/readme.md"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    items = list_inputs(str(tmp_path))
+    assert [(i.image_id, i.slide_id) for i in items] == [("a", "S1"), ("b", "S1"), ("c", "S2")]
+    assert all(i.uri.startswith(str(tmp_path)) for i in items)
+
+
+def test_hostile_names_give_safe_unique_ids(tmp_path):
+    names = ["S1/img 1.bmp", "S2/img 1.bmp", "S1/ünïcødé.png", "S1/..hidden.png", "S3/" + "x" * 200 + ".tif",
+             "S1/a.b.c.png", "S1/a_b_c.png", "S1/dup.png", "S2/dup.png"]
+    for rel in names:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    items = list_inputs(str(tmp_path))
+    ids = [i.image_id for i in items]
+    assert len(ids) == len(names) == len(set(ids))
+    assert all(SAFE.match(i) and len(i) <= MAX_ID_LENGTH for i in ids)
+    assert all("/" not in i and not i.startswith(".") for i in ids)
+    # duplicates in two slides keep their slide in the id
+    dups = sorted(i.image_id for i in items if "dup" in i.image_id)
+    assert dups == ["S1__dup", "S2__dup"]
+
+
+def test_safe_id_is_stable_and_distinguishes_altered_names():
+    assert safe_id("S1/img 1.bmp") == safe_id("S1/img 1.bmp")
+    assert safe_id("a b.png") != safe_id("a_b.png")
+    assert safe_id("plain-name_01.bmp") == "plain-name_01"
+
+
+def test_empty_or_missing_input(tmp_path):
+    with pytest.raises(InputError, match="no images"):
+        list_inputs(str(tmp_path))
+    with pytest.raises(InputError, match="not found"):
+        list_inputs(str(tmp_path / "nope"))
