@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from segpc.config import preset  # noqa: E402
 from segpc.models import build_cytoplasm_model, build_nucleus_model  # noqa: E402
-from segpc.runner import NetworkRunner  # noqa: E402
+from segpc.runner import NetworkRunner, to_channels_last  # noqa: E402
 
 
 def timed(fn, repeat: int = 5) -> float:
@@ -63,7 +63,7 @@ def training(results: dict) -> None:
     rng = np.random.default_rng(0)
     arrays = Arrays(rng.integers(0, 255, (n, 384, 384, 4), np.uint8), rng.integers(0, 2, (n, 384, 384), np.uint8))
     for amp in (True, False):
-        model = build_cytoplasm_model(cfg.cytoplasm).cuda().to(memory_format=torch.channels_last)
+        model = to_channels_last(build_cytoplasm_model(cfg.cytoplasm).cuda())
         opt = torch.optim.Adam(model.parameters(), 1e-4)
         gen = torch.Generator().manual_seed(0)
         train_epoch(model, opt, arrays, np.arange(32), 16, torch.device("cuda"), gen, amp=amp)  # warm-up
@@ -75,14 +75,18 @@ def training(results: dict) -> None:
 def segmenter(results: dict, bundle: str, images: list[np.ndarray]) -> None:
     from segpc.segmenter import Segmenter
 
-    for device in ("cuda", "cpu"):
-        seg = Segmenter.from_bundle(bundle, device=device, batch_size=64)
+    counts = {}
+    for device, amp in (("cuda", True), ("cuda-fp32", False), ("cpu", None)):
+        seg = Segmenter.from_bundle(bundle, device=device.split("-")[0], batch_size=64, amp=amp)
         seg.segment_batch(images[:8])
         t0 = time.perf_counter()
-        cells = sum(len(r.cells) for i in range(0, len(images), 16) for r in seg.segment_batch(images[i:i + 16]))
+        counts[device] = [len(r.cells) for i in range(0, len(images), 16) for r in seg.segment_batch(images[i:i + 16])]
         dt = time.perf_counter() - t0
-        results[f"segmenter-{device}"] = {"images_per_s": len(images) / dt, "cells": cells}
+        results[f"segmenter-{device}"] = {"images_per_s": len(images) / dt, "cells": sum(counts[device])}
         print("segmenter", device, json.dumps(results[f"segmenter-{device}"]), flush=True)
+    same = sum(a == b for a, b in zip(counts["cuda"], counts["cpu"]))
+    results["bf16-vs-fp32-same-cell-count-images"] = f"{same}/{len(images)}"
+    print("images with the same cell count on GPU (bf16) and CPU (fp32):", f"{same}/{len(images)}")
 
 
 def main() -> int:
@@ -90,14 +94,16 @@ def main() -> int:
     p.add_argument("--bundle", required=True)
     p.add_argument("--images", type=int, default=200)
     p.add_argument("--ray", action="store_true")
+    p.add_argument("--skip-networks", action="store_true", help="skip parts 1 and 2")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
     assert torch.cuda.is_available(), "no CUDA device"
     results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
                "bf16": torch.cuda.is_bf16_supported()}
     print(json.dumps(results), flush=True)
-    inference(results)
-    training(results)
+    if not args.skip_networks:
+        inference(results)
+        training(results)
     from segpc.synthetic import write_archive
 
     work = Path(tempfile.mkdtemp())

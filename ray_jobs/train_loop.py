@@ -19,7 +19,7 @@ def train_loop(c: dict) -> None:
 
     from segpc.config import Config
     from segpc.models import build_cytoplasm_model, build_nucleus_model
-    from segpc.runner import NetworkRunner
+    from segpc.runner import NetworkRunner, to_channels_last
     from segpc.splits import localize, training_data
     from segpc.training import (cytoplasm_arrays, epoch_indices, load_checkpoint, lr_at,
                                 nucleus_arrays, save_checkpoint, train_epoch, validate_nucleus,
@@ -38,6 +38,8 @@ def train_loop(c: dict) -> None:
         arrays, model = cytoplasm_arrays(train, scale, cfg), build_cytoplasm_model(cfg.cytoplasm)
     device = ray.train.torch.get_device()
     model = model.to(device)
+    if device.type == "cuda":
+        to_channels_last(model)
     opt = torch.optim.Adam(model.parameters(), lr=c["lr"])
     start, best_score, best_epoch, best_metrics, history = 0, -1.0, -1, {}, []
     best = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

@@ -17,6 +17,15 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device(device)
 
 
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """channels_last for the 4-D (2-D convolution) weights only: ``model.to(memory_format=...)``
+    fails on the Attention DeepLabv3+'s 5-D Conv3d fusion weights."""
+    for p in model.parameters():
+        if p.dim() == 4:
+            p.data = p.data.contiguous(memory_format=torch.channels_last)
+    return model
+
+
 class NetworkRunner:
     """Callable: (N, C, H, W) float32 array -> (N, H, W) float32 sigmoid probabilities.
 
@@ -30,7 +39,7 @@ class NetworkRunner:
         self.cuda = self.device.type == "cuda"
         self.model = model.to(self.device).eval()
         if self.cuda:
-            self.model = self.model.to(memory_format=torch.channels_last)
+            to_channels_last(self.model)
         self.batch_size = max(1, int(batch_size))
         self.amp = self.cuda if amp is None else (amp and self.cuda)
         self.amp_dtype = torch.bfloat16 if self.cuda and torch.cuda.is_bf16_supported() else torch.float16
@@ -41,11 +50,18 @@ class NetworkRunner:
             return np.zeros((0,) + x.shape[2:], np.float32)
         out = []
         for i in range(0, len(x), self.batch_size):
-            t = torch.from_numpy(np.ascontiguousarray(x[i:i + self.batch_size]))
+            chunk = x[i:i + self.batch_size]
+            n = len(chunk)
+            if self.cuda and n < self.batch_size:
+                # A few batch shapes only: cuDNN plans (and compiles, for bf16) per shape, so
+                # the cascade's ever-changing crop counts would otherwise pay that each call.
+                padded = min(self.batch_size, 1 << (n - 1).bit_length())
+                chunk = np.concatenate([chunk, np.zeros((padded - n,) + chunk.shape[1:], chunk.dtype)])
+            t = torch.from_numpy(np.ascontiguousarray(chunk))
             if self.cuda:
                 t = t.pin_memory().to(self.device, non_blocking=True)
                 t = t.contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
                 logits = self.model(t)
-            out.append(torch.sigmoid(logits.float())[:, 0].cpu().numpy())
+            out.append(torch.sigmoid(logits.float())[:n, 0].cpu().numpy())
         return np.concatenate(out)

@@ -68,3 +68,14 @@ def test_unet_and_bad_encoder_names():
         build_nucleus_model(NucleusConfig(encoder="no-such-encoder"))
     with pytest.raises(InputError, match="no-such-encoder"):
         build_cytoplasm_model(CytoplasmConfig(encoder="no-such-encoder"))
+
+
+def test_channels_last_conversion_skips_the_3d_fusion(model):
+    from segpc.runner import to_channels_last
+
+    model.eval()
+    x = torch.randn(1, 4, 64, 64)
+    before = model(x)
+    to_channels_last(model)  # model.to(memory_format=channels_last) raises on the Conv3d
+    assert model.adapter.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(model(x.contiguous(memory_format=torch.channels_last)), before)
