@@ -37,6 +37,11 @@ def pyarrow_filesystem(uri: str) -> tuple[pafs.FileSystem | None, str]:
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region
+    # The filesystem travels pickled to Ray Train's controller and workers, which may not
+    # see the driver's environment: carry explicit keys when the driver has them.
+    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        kwargs.update(access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ["AWS_SECRET_ACCESS_KEY"],
+                      session_token=os.environ.get("AWS_SESSION_TOKEN"))
     return pafs.S3FileSystem(**kwargs), uri.split("://", 1)[1]
 
 

@@ -114,6 +114,7 @@ def run(args: argparse.Namespace, t0: float) -> int:
         shutil.rmtree(work / "results", ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     fs.get(f"{prefix}/results/".removeprefix("s3://"), str(work / "results"), recursive=True)
+    (work / "results" / "segpc").mkdir(exist_ok=True)  # no cell found: no masks, score 0
     scores = evaluate_folders(local / "truth", work / "results" / "segpc")
     import pandas as pd
 

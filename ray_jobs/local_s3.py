@@ -6,6 +6,7 @@ folder, and stopped through its own process (never a machine-wide kill).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -61,10 +62,16 @@ class LocalS3:
     def start(self, timeout: float = 60.0) -> "LocalS3":
         master, volume, filer, s3 = _free_ports(4)
         (self.dir / "data").mkdir(parents=True, exist_ok=True)
+        # An explicit identity: with none, SeaweedFS refuses signed multipart uploads
+        # (pyarrow's, which Ray Train uses for checkpoints) as coming from an unknown key.
+        config = self.dir / "s3.json"
+        config.write_text(json.dumps({"identities": [{
+            "name": "segpc", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
         cmd = [weed_binary(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                f"-dir={self.dir / 'data'}", f"-master.port={master}", f"-volume.port={volume}",
                "-master.volumeSizeLimitMB=32", "-volume.max=0", "-filer", f"-filer.port={filer}",
-               "-s3", f"-s3.port={s3}"]
+               "-s3", f"-s3.port={s3}", f"-s3.config={config}"]
         self.log = open(self.dir / "weed.log", "ab")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True, cwd=self.dir)
