@@ -1,6 +1,6 @@
 """The whole system on one machine: synthetic slides -> training -> batch job -> report.
 
-    ./run.sh demo [--images-train 40] [--images 12] [--slides 3] [--epochs 15] ...
+    ./run.sh demo [--images-train 60] [--images 12] [--slides 3] [--epochs 20] ...
 
 1. starts an S3-compatible server (SeaweedFS) on 127.0.0.1, unless --s3-endpoint or
    AWS_ENDPOINT_URL points at your own object storage;
@@ -32,12 +32,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--s3-endpoint", default=None,
                    help="use this S3-compatible endpoint instead of a local SeaweedFS server")
     p.add_argument("--bundle", default=None, help="use this bundle URI instead of training one")
-    p.add_argument("--images-train", type=int, default=40, help="synthetic training images")
+    p.add_argument("--images-train", type=int, default=60, help="synthetic training images")
     p.add_argument("--images", type=int, default=12, help="synthetic images to analyse")
     p.add_argument("--slides", type=int, default=3, help="slides the analysed images spread over")
     p.add_argument("--size", default="640x480", help="image size (WxH, camera1, camera2, mixed)")
-    p.add_argument("--epochs", type=int, default=15, help="cytoplasm epochs per scale")
-    p.add_argument("--nucleus-epochs", type=int, default=40, help="nucleus U-Net epochs")
+    p.add_argument("--epochs", type=int, default=20, help="cytoplasm epochs per scale")
+    p.add_argument("--nucleus-epochs", type=int, default=50, help="nucleus U-Net epochs")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 

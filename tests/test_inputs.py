@@ -46,3 +46,18 @@ def test_empty_or_missing_input(tmp_path):
         list_inputs(str(tmp_path))
     with pytest.raises(InputError, match="not found"):
         list_inputs(str(tmp_path / "nope"))
+
+
+def test_manifest_sets_slides_and_accepts_relative_paths(tmp_path):
+    for rel in ["x/a.bmp", "x/b.bmp"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"path,slide_id\nx/a.bmp,PT-1\n{tmp_path}/x/b.bmp,PT-2\n")
+    items = list_inputs(str(tmp_path), str(manifest))
+    assert [(i.image_id, i.slide_id, i.uri) for i in items] == [
+        ("a", "PT-1", f"{tmp_path}/x/a.bmp"), ("b", "PT-2", f"{tmp_path}/x/b.bmp")]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,slide\nx/a.bmp,PT-1\n")
+    with pytest.raises(InputError, match="path, slide_id"):
+        list_inputs(str(tmp_path), str(bad))
