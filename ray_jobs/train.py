@@ -80,15 +80,14 @@ def check_inputs(args: argparse.Namespace, cfg: Config) -> None:
     """Everything that can be wrong before training starts: data, output, GPUs, scales."""
     import ray
 
-    from segpc.splits import localize, training_data
+    from segpc.splits import data_summary, localize
 
-    train, val = training_data(localize(args.data), args.val_fraction)
-    n_cells = sum(len(s.instances) for s in train)
-    if len(train) < args.num_workers or n_cells < 2 * args.num_workers:
-        raise InputError(f"{args.data}: {len(train)} training images / {n_cells} cells are too few "
+    n_train, n_cells, n_val = data_summary(localize(args.data), args.val_fraction)
+    if n_train < args.num_workers or n_cells < 2 * args.num_workers:
+        raise InputError(f"{args.data}: {n_train} training images / {n_cells} cells are too few "
                          f"for {args.num_workers} workers")
-    print(f"[train] data: {len(train)} training images ({n_cells} cells), "
-          f"{len(val)} validation images", flush=True)
+    print(f"[train] data: {n_train} training images ({n_cells} cells), {n_val} validation images",
+          flush=True)
     fs, root = filesystem(args.out)
     try:
         fs.makedirs(root, exist_ok=True)

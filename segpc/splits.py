@@ -66,28 +66,46 @@ def split_ids(root: Path, val_fraction: float = 0.25) -> tuple[list[str], list[s
     return train, val
 
 
-def load_samples(root: Path, ids: list[str] | None = None) -> list[Sample]:
-    """Images and masks of a split (all, or only ``ids``), checked for training use."""
+def split_parts(root: Path, val_fraction: float = 0.25) -> list[tuple[Path, list[str] | None]]:
+    """[(train split root, ids or None for all), (validation root, ids or None)]."""
+    if (root / "train").is_dir():
+        if not (root / "validation").is_dir():
+            raise InputError(f"{root}: has train/ but no validation/ split")
+        return [(root / "train", None), (root / "validation", None)]
+    find_split(root)
+    tr_ids, val_ids = split_ids(root, val_fraction)
+    return [(root, tr_ids), (root, val_ids)]
+
+
+def iter_samples(root: Path, ids: list[str] | None = None):
+    """Samples of a split one at a time (masks decoded, images not), checked for training:
+    read_split checks every mask's size against its image header before any decoding."""
     wanted = None if ids is None else set(ids)
-    # read_split checks every mask's size against its image header before any decoding
-    samples = [s for s in read_split(root) if wanted is None or s.image_id in wanted]
-    if not samples:
+    n = labelled = 0
+    for s in read_split(root):
+        if wanted is None or s.image_id in wanted:
+            n += 1
+            labelled += bool(s.instances)
+            yield s
+    if not n:
         raise InputError(f"{root}: empty split")
-    if not any(s.instances for s in samples):
+    if not labelled:
         raise InputError(f"{root}: no masks (y/<id>_<k>.bmp) for any image; cannot train")
-    return samples
+
+
+def data_summary(root: Path, val_fraction: float = 0.25) -> tuple[int, int, int]:
+    """(training images, training cells, validation images), holding one image at a time:
+    the driver checks the data without loading it."""
+    (tr_root, tr_ids), (val_root, val_ids) = split_parts(root, val_fraction)
+    images = cells = 0
+    for s in iter_samples(tr_root, tr_ids):
+        images, cells = images + 1, cells + len(s.instances)
+    return images, cells, sum(1 for _ in iter_samples(val_root, val_ids))
 
 
 def training_data(root: Path, val_fraction: float = 0.25) -> tuple[list[Sample], list[Sample]]:
     """(train, validation) samples with images decoded."""
-    if (root / "train").is_dir():
-        if not (root / "validation").is_dir():
-            raise InputError(f"{root}: has train/ but no validation/ split")
-        train, val = load_samples(root / "train"), load_samples(root / "validation")
-    else:
-        find_split(root)
-        tr_ids, val_ids = split_ids(root, val_fraction)
-        train, val = load_samples(root, tr_ids), load_samples(root, val_ids)
+    train, val = ([s for s in iter_samples(r, ids)] for r, ids in split_parts(root, val_fraction))
     for s in (*train, *val):
         s.image = read_image(s.image_path)
     return train, val
