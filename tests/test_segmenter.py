@@ -93,3 +93,23 @@ def test_bad_images_are_named():
     seg = Segmenter(preset("tiny"), lambda ims: [], lambda s, c: np.zeros((0, 1, 1)))
     with pytest.raises(InputError, match="image 1"):
         seg.segment_batch([np.zeros((64, 64, 3), np.uint8), np.zeros((64, 64), np.uint8)])
+
+
+def test_segment_command_on_a_folder(synthetic, tmp_path):
+    from segpc.imaging import write_image
+
+    save_bundle(new_bundle(preset("tiny")), str(tmp_path / "bundle"))
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for n, (image, _) in enumerate(synthetic):
+        write_image(folder / f"img{n}.png", image)
+    (folder / "broken.png").write_bytes(b"not an image")
+    assert main(["segment", "--input", str(folder), "--bundle", str(tmp_path / "bundle"),
+                 "--out", str(tmp_path / "out"), "--overlays", "--device", "cpu"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "images.jsonl").read_text().splitlines()]
+    assert sorted(r["image_id"] for r in rows) == ["broken", "img0", "img1", "img2"]
+    broken = next(r for r in rows if r["image_id"] == "broken")
+    assert broken["status"] == "error" and "not an image" in broken["error"]
+    assert len(list((tmp_path / "out" / "overlays").glob("*.png"))) == 3
+    assert main(["segment", "--input", str(tmp_path / "nowhere"), "--bundle", str(tmp_path / "bundle"),
+                 "--out", str(tmp_path / "o2")]) == 2
