@@ -71,7 +71,9 @@ class LocalS3:
         cmd = [weed_binary(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                f"-dir={self.dir / 'data'}", f"-master.port={master}", f"-volume.port={volume}",
                "-master.volumeSizeLimitMB=32", "-volume.max=0", "-filer", f"-filer.port={filer}",
-               "-s3", f"-s3.port={s3}", f"-s3.config={config}"]
+               "-s3", f"-s3.port={s3}", f"-s3.config={config}",
+               # extra catalogue listeners on fixed ports would clash with a second server
+               "-s3.port.iceberg=0", "-s3.port.lance=0"]
         self.log = open(self.dir / "weed.log", "ab")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True, cwd=self.dir)

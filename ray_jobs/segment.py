@@ -3,6 +3,10 @@
     python -m ray_jobs.segment --input URI --output URI --bundle BUNDLE_URI
         [--segpc-masks] [--overlays] [--keep-all] [--resume] [--manifest CSV]
 
+--input is a prefix of image files (any depth; the first folder is the slide), or of
+Parquet shards with the image bytes in a column (--image-column) beside image_id and,
+optionally, slide_id.
+
 Pipeline (streaming, no all-to-all step): list inputs on the driver -> read + decode + validate
 (CPU tasks) -> nucleus U-Net (actor pool) -> one Attention DeepLabv3+ actor pool per scale,
 each running only the nuclei that the cascade still sends to it -> aggregate, label masks
@@ -37,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", required=True, help="output prefix (images/, cells/, slides.parquet, masks.zarr)")
     p.add_argument("--bundle", required=True, help="model bundle (folder or s3:// URI)")
     p.add_argument("--manifest", default=None, help="CSV/Parquet with columns path, slide_id")
+    p.add_argument("--image-column", default="image",
+                   help="for Parquet shards under --input: the column of image bytes (with image_id, "
+                        "and optionally slide_id, beside it)")
     p.add_argument("--segpc-masks", action="store_true", help="also write segpc/<id>_<k>.bmp (40/20)")
     p.add_argument("--overlays", action="store_true", help="also write overlays/<id>.png QC pictures")
     p.add_argument("--rule", choices=["cascade", "best", "keep-all"], default="cascade",
@@ -76,11 +83,13 @@ def read_decode(batch: dict, max_pixels: int) -> dict:
     from segpc.storage import read_bytes
 
     n = len(batch["uri"])
+    shard_bytes = batch.pop("data", None)  # rows of Parquet shards bring their bytes along
     status, error, width, height, seconds, work = [], [], [], [], [], []
     for i in range(n):
         t0 = time.perf_counter()
         try:
-            image = decode_image(read_bytes(batch["uri"][i]), batch["uri"][i], max_pixels or MAX_PIXELS)
+            data = shard_bytes[i] if shard_bytes is not None else read_bytes(batch["uri"][i])
+            image = decode_image(data, batch["uri"][i], max_pixels or MAX_PIXELS)
             status.append("ok"), error.append(""), width.append(image.shape[1]), height.append(image.shape[0])
             work.append(Work(image=image))
         except (InputError, OSError) as exc:
@@ -89,6 +98,17 @@ def read_decode(batch: dict, max_pixels: int) -> dict:
         seconds.append(time.perf_counter() - t0)
     return {**batch, "status": np.array(status), "error": np.array(error), "width": np.array(width),
             "height": np.array(height), "seconds": np.array(seconds), "work": _objects(work)}
+
+
+def shard_rows(batch: dict, slides: dict, todo: set, image_column: str, scheme: str) -> dict:
+    """Parquet-shard rows -> the read stage's columns, keeping only the images still to do."""
+    from segpc.inputs import safe_id
+
+    keep = [i for i, raw in enumerate(batch["image_id"]) if safe_id(str(raw)) in todo]
+    ids = [safe_id(str(batch["image_id"][i])) for i in keep]
+    return {"uri": np.array([f"{scheme}{batch['path'][i]}#{batch['image_id'][i]}" for i in keep], dtype=object),
+            "image_id": np.array(ids, dtype=object), "slide_id": np.array([slides[i] for i in ids], dtype=object),
+            "data": _objects([batch[image_column][i] for i in keep])}
 
 
 def _objects(items: list) -> np.ndarray:
@@ -210,8 +230,8 @@ class Plan:
 def plan_resources(args: argparse.Namespace, cluster: dict, n_scales: int) -> Plan:
     """GPU cluster: per GPU, one nucleus actor (half a GPU) and one actor per scale sharing
     the other half. CPU only: the scales share one pool (``--fuse-scales``), every actor gets
-    a fraction of the CPUs, leaving a quarter for the read and write tasks, so small
-    machines never deadlock, and torch threads are split between the actors."""
+    a fraction of the CPUs, leaving at least one whole CPU for the read and write tasks, so
+    small machines never deadlock, and torch threads are split between the actors."""
     gpus = cluster.get("GPU", 0) if args.gpus is None else args.gpus
     cpus = cluster.get("CPU", 1)
     n_nuc = args.nucleus_actors or max(1, int(gpus))
@@ -222,7 +242,10 @@ def plan_resources(args: argparse.Namespace, cluster: dict, n_scales: int) -> Pl
             (1 - args.nucleus_gpu) / (1 if fuse else n_scales)
         return Plan(n_nuc, n_cyt, args.nucleus_gpu, cyt_gpu, 1.0, args.threads or 2, args.batch_size or 16, fuse)
     actors = n_nuc + n_cyt * (1 if fuse else n_scales)
-    actor_cpus = max(0.05, round(cpus * 0.75 / actors, 3))
+    # Keep a whole CPU (or a quarter of a big node) free for reading, listing and writing:
+    # some of Ray Data's own tasks ask for one full CPU.
+    free = max(1.0, cpus * 0.25) + 0.25
+    actor_cpus = max(0.05, round((cpus - free) / actors, 3))
     # the stages run at once, so their torch threads share the cores (oversubscribing them
     # cost 20% on 2 cores)
     threads = args.threads or max(1, int(cpus // actors))
@@ -237,8 +260,21 @@ def build_pipeline(items: list, args: argparse.Namespace, plan: Plan, scales: li
 
     rule = args.rule
     env = worker_runtime_env() or None
-    ds = ray.data.from_items([{"uri": it.uri, "image_id": it.image_id, "slide_id": it.slide_id}
-                              for it in items], override_num_blocks=max(1, min(len(items) // 4, 1000)))
+    if items[0].shard:
+        from ray_jobs.common import pyarrow_filesystem
+
+        shards = sorted({it.shard for it in items})
+        fs, _ = pyarrow_filesystem(shards[0])
+        paths = [p.split("://", 1)[1] if fs is not None else p for p in shards]
+        ds = ray.data.read_parquet(paths, filesystem=fs, columns=["image_id", args.image_column],
+                                   include_paths=True, num_cpus=0.25)
+        ds = ds.map_batches(shard_rows, fn_kwargs={
+            "slides": {it.image_id: it.slide_id for it in items}, "todo": {it.image_id for it in items},
+            "image_column": args.image_column,
+            "scheme": shards[0].split("://", 1)[0] + "://" if fs is not None else ""}, batch_size=16, batch_format="numpy", runtime_env=env)
+    else:
+        ds = ray.data.from_items([{"uri": it.uri, "image_id": it.image_id, "slide_id": it.slide_id}
+                                  for it in items], override_num_blocks=max(1, min(len(items) // 4, 1000)))
     ds = ds.map_batches(read_decode, fn_kwargs={"max_pixels": args.max_pixels}, batch_size=4,
                         num_cpus=0.25, batch_format="numpy", runtime_env=env)
     ds = ds.map_batches(NucleusStage, fn_constructor_kwargs={

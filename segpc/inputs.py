@@ -25,9 +25,13 @@ MAX_ID_LENGTH = 120
 
 @dataclass(frozen=True)
 class InputImage:
-    uri: str
+    uri: str  # the image file, or "<shard>#<image_id>" for a row of a Parquet shard
     image_id: str
     slide_id: str
+    shard: str = ""  # the Parquet shard holding the image bytes, if any
+
+
+SHARD_ID_COLUMN, SHARD_SLIDE_COLUMN = "image_id", "slide_id"
 
 
 def safe_id(relative: str) -> str:
@@ -51,7 +55,11 @@ def list_inputs(prefix: str, manifest: str | None = None) -> list[InputImage]:
             return _unique([(u, _relative(u, prefix), s) for u, s in paths])
         if not fs.exists(root):
             raise InputError(f"{prefix}: input not found")
-        found = sorted(p for p in fs.find(root) if p.lower().endswith(IMAGE_SUFFIXES))
+        everything = sorted(fs.find(root))
+        found = [p for p in everything if p.lower().endswith(IMAGE_SUFFIXES)]
+        shards = [p for p in everything if p.lower().endswith(".parquet")]
+        if shards and not found:
+            return _shard_inputs(fs, root, prefix, shards)
     except InputError:
         raise
     except Exception as exc:  # network, credentials, bucket names
@@ -64,6 +72,39 @@ def list_inputs(prefix: str, manifest: str | None = None) -> list[InputImage]:
         rel = p[len(root.rstrip("/")) + 1:]
         items.append((scheme + p, rel, rel.split("/", 1)[0] if "/" in rel else "unknown"))
     return _unique(items)
+
+
+def _shard_inputs(fs, root: str, prefix: str, shards: list[str]) -> list[InputImage]:
+    """One input per row of Parquet shards that hold the image bytes in a column.
+
+    Each shard needs an ``image_id`` column (unique over the run); ``slide_id`` comes from
+    its own column or else from the shard's first folder below the prefix. Only these two
+    small columns are read here; the bytes are read by the pipeline.
+    """
+    import pyarrow.parquet as pq
+
+    scheme = prefix.split("://", 1)[0] + "://" if "://" in prefix else ""
+    items, seen = [], set()
+    for path in shards:
+        with fs.open(path, "rb") as f:
+            names = pq.read_schema(f).names
+            if SHARD_ID_COLUMN not in names:
+                raise InputError(f"{scheme}{path}: shard has no '{SHARD_ID_COLUMN}' column")
+            cols = [c for c in (SHARD_ID_COLUMN, SHARD_SLIDE_COLUMN) if c in names]
+            f.seek(0)
+            table = pq.read_table(f, columns=cols).to_pydict()
+        rel = path[len(root.rstrip("/")) + 1:]
+        folder_slide = rel.split("/", 1)[0] if "/" in rel else "unknown"
+        slides = table.get(SHARD_SLIDE_COLUMN) or [folder_slide] * len(table[SHARD_ID_COLUMN])
+        for raw, slide in zip(table[SHARD_ID_COLUMN], slides):
+            image_id = safe_id(str(raw))
+            if image_id in seen:
+                raise InputError(f"{scheme}{path}: image_id {raw!r} occurs twice in the shards")
+            seen.add(image_id)
+            items.append(InputImage(f"{scheme}{path}#{raw}", image_id, str(slide), scheme + path))
+    if not items:
+        raise InputError(f"{prefix}: the Parquet shards hold no rows")
+    return items
 
 
 def _relative(uri: str, prefix: str) -> str:

@@ -199,3 +199,31 @@ def test_bad_bundle_or_input_stops_before_any_work(ray_local, s3_bucket, s3_inpu
     assert segment_main(["--input", f"{s3_bucket}/missing-prefix", "--output", out, "--bundle", bundle]) == 2
     assert segment_main(["--input", "s3://no-such-bucket-segpc/x", "--output", out, "--bundle", bundle]) == 2
     assert not Path(out).exists()
+
+
+def test_parquet_shards_as_input(ray_local, s3_bucket, archive, bundle):
+    """Image bytes in Parquet shards (one per slide folder): every row once, bad rows errors."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, _ = filesystem(s3_bucket)
+    rows: dict[str, list] = {}
+    for name, data in slide_layout(archive).items():
+        slide, file = name.split("/")
+        rows.setdefault(slide, []).append({"image_id": file.rsplit(".", 1)[0], "image": data})
+    rows["S01"].append({"image_id": "broken", "image": b"not an image"})
+    for slide, items in rows.items():
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(items), buf, row_group_size=2)
+        fs.pipe_file(f"{s3_bucket.removeprefix('s3://')}/shards/{slide}/part-0.parquet", buf.getvalue())
+    out = f"{s3_bucket}/out"
+    assert segment_main(["--input", f"{s3_bucket}/shards", "--output", out, "--bundle", bundle]) == 0
+    images = read_table(out, "images").to_pandas()
+    expected = {r["image_id"] for items in rows.values() for r in items}
+    assert sorted(images.image_id) == sorted(expected)
+    assert images.set_index("image_id").loc["broken", "status"] == "error"
+    assert set(images[images.image_id != "broken"].status) == {"ok"}
+    assert dict(zip(images.image_id, images.slide_id))["S02-0002"] == "S02"
+    assert images.source_uri.str.startswith(f"{s3_bucket}/shards/").all()
