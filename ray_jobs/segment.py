@@ -194,7 +194,7 @@ class Finalize:
 
     def __call__(self, batch: dict) -> dict:
         from segpc.inputs import InputImage
-        from segpc.outputs import ImageRecord
+        from segpc.outputs import SUMMARY_COLUMNS, ImageRecord
         from segpc.segmenter import finish
 
         records = []
@@ -206,8 +206,9 @@ class Finalize:
                 batch["status"][i], batch["error"][i], int(batch["width"][i]), int(batch["height"][i]),
                 float(batch["seconds"][i]) + time.perf_counter() - t0, result,
                 w.image if self.overlays else None))
-        rows = self.writer.write(records)
-        return {k: np.array([r[k] if r[k] is not None else "" for r in rows]) for k in rows[0]}
+        rows = self.writer.write(records)  # [] for an empty batch (all rows filtered on resume)
+        return {k: np.array([r[k] if r[k] is not None else "" for r in rows], dtype=object if k != "n_cells" else int)
+                for k in SUMMARY_COLUMNS}
 
 
 # ----------------------------------------------------------------------------- driver

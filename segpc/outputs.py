@@ -41,6 +41,10 @@ CELLS_SCHEMA = pa.schema([
 ])
 
 
+# what ``OutputWriter.write`` returns per image: enough for progress lines and the summary
+SUMMARY_COLUMNS = ("image_id", "slide_id", "status", "error", "n_cells")
+
+
 @dataclass
 class ImageRecord:
     """Everything known about one input image at the end of the pipeline."""
@@ -80,7 +84,7 @@ class OutputWriter:
                 self._per_image_files(r)
         rows = [_image_row(r) for r in records]
         self._parquet(f"images/{part}", pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA))
-        return [{k: row[k] for k in ("image_id", "slide_id", "status", "error", "n_cells")} for row in rows]
+        return [{k: row[k] for k in SUMMARY_COLUMNS} for row in rows]
 
     def _parquet(self, name: str, table: pa.Table) -> None:
         buf = io.BytesIO()
