@@ -29,7 +29,9 @@ def pyarrow_filesystem(uri: str) -> tuple[pafs.FileSystem | None, str]:
     """
     if not uri.startswith(("s3://", "s3a://")):
         return None, uri
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    from segpc.storage import s3_endpoint
+
+    endpoint = s3_endpoint()
     kwargs = {}
     if endpoint:
         scheme, _, host = endpoint.partition("://")

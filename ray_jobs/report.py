@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from segpc.errors import InputError
+from segpc.errors import exit_status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,16 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint
     from segpc.report import build_report
 
-    try:
-        page = build_report(args.output, args.gallery)
-    except FileNotFoundError as exc:
-        print(f"error: {args.output}: not a batch-job output ({exc})", file=sys.stderr)
-        return 2
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"report: {page}")
-    return 0
+    return exit_status(lambda: print(f"report: {build_report(args.output, args.gallery)}"))
 
 
 if __name__ == "__main__":

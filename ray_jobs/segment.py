@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from segpc.errors import InputError
+from segpc.errors import InputError, exit_status
 
 
 @dataclass
@@ -301,12 +301,7 @@ def build_pipeline(items: list, args: argparse.Namespace, plan: Plan, scales: li
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        run(args)
-        return 0
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return exit_status(lambda: run(args))
 
 
 def run(args: argparse.Namespace) -> dict:

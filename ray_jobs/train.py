@@ -23,7 +23,7 @@ from pathlib import Path
 
 from segpc.bundle import Bundle, load_bundle, network_name, new_bundle, read_bundle_meta, save_bundle
 from segpc.config import Config, preset
-from segpc.errors import InputError
+from segpc.errors import InputError, exit_status
 from segpc.storage import filesystem
 
 
@@ -195,17 +195,10 @@ def _guard_previous_run(args: argparse.Namespace, name: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        return _main(args)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except RunFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return exit_status(lambda: _main(args), failures=(RunFailed,))
 
 
-def _main(args: argparse.Namespace) -> int:
+def _main(args: argparse.Namespace) -> None:
     from ray_jobs.common import init_ray
 
     t0 = time.time()
@@ -235,7 +228,6 @@ def _main(args: argparse.Namespace) -> int:
     save_bundle(bundle, args.out)
     print(f"[train] bundle written to {args.out} in {time.time() - t0:.0f}s", flush=True)
     print(json.dumps(bundle.provenance["validation"], indent=2), flush=True)
-    return 0
 
 
 def validate_bundle(args: argparse.Namespace, bundle: Bundle) -> dict:

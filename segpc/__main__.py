@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from segpc.errors import InputError
+from segpc.errors import exit_status
 
 
 def _synth(args: argparse.Namespace) -> None:
@@ -72,12 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from segpc.errors import InputError  # noqa: E402
 from segpc.imaging import decode_image, encode_png  # noqa: E402
 from segpc.outputs import read_table, zarr_store  # noqa: E402
 from segpc.overlay import draw_overlay  # noqa: E402
@@ -38,8 +39,11 @@ class ReportData:
 
 def load(output: str) -> ReportData:
     fs, root = filesystem(output)
-    with fs.open(join(root, "slides.parquet"), "rb") as f:
-        slides = pd.read_parquet(f)
+    try:
+        with fs.open(join(root, "slides.parquet"), "rb") as f:
+            slides = pd.read_parquet(f)
+    except FileNotFoundError:
+        raise InputError(f"{output}: not a batch-job output (no slides.parquet)") from None
     images = read_table(output, "images").to_pandas()
     cells = read_table(output, "cells", ["image_id", "slide_id", "cell_id", "cell_area",
                                          "nucleus_area", "ratio", "scale"]).to_pandas()

@@ -12,13 +12,18 @@ import fsspec
 from fsspec import AbstractFileSystem
 
 
+def s3_endpoint() -> str | None:
+    """The S3-compatible endpoint the environment names, as boto3 reads it."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
 def storage_options(uri: str) -> dict:
     """fsspec options for ``uri``: the S3 endpoint from the environment, if any."""
     if uri.startswith(("s3://", "s3a://")):
         # Other processes (Ray workers) write under the same prefixes: never trust a
         # cached listing.
         opts: dict = {"use_listings_cache": False}
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        endpoint = s3_endpoint()
         if endpoint:
             opts["client_kwargs"] = {"endpoint_url": endpoint}
         return opts
