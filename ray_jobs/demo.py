@@ -46,12 +46,6 @@ def _say(msg: str) -> None:
     print(f"\n[demo] {msg}", flush=True)
 
 
-def _upload_tree(fs, local: Path, remote: str) -> None:
-    for p in sorted(local.rglob("*")):
-        if p.is_file():
-            fs.pipe_file(f"{remote}/{p.relative_to(local).as_posix()}", p.read_bytes())
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from ray_jobs.local_s3 import LocalS3
@@ -88,7 +82,7 @@ def run(args: argparse.Namespace, t0: float) -> int:
     _say(f"writing synthetic data to {prefix}/ (training archive and {args.slides} slides to analyse)")
     write_archive(local / "training", args.images_train, max(2, args.slides), seed=args.seed, size=args.size)
     write_archive(local / "truth", args.images, args.slides, seed=args.seed + 1000, size=args.size)
-    _upload_tree(fs, local / "training", f"{prefix}/training".removeprefix("s3://"))
+    fs.put(f"{local / 'training'}/", f"{prefix}/training/".removeprefix("s3://"), recursive=True)
     for p in sorted((local / "truth" / "x").iterdir()):  # slide folders, as a scanner writes them
         fs.pipe_file(f"{prefix}/slides/{p.stem.rsplit('-', 1)[0]}/{p.name}".removeprefix("s3://"), p.read_bytes())
     init_ray()

@@ -19,14 +19,16 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage as ndi
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from segpc.config import Config
-from segpc.crops import extract, fit_to_input, mask_box, paste
-from segpc.cytoplasm import candidate_from_probability, crop_input, gather_inputs
+from segpc.crops import extract, fit_to_input, paste
+from segpc.cytoplasm import CropInput, candidate_from_probability, crop_input, gather_inputs
 from segpc.errors import InputError
 from segpc.imaging import equalize
+from segpc.instances import Instance
 from segpc.metrics import evaluate
 from segpc.segmenter import find_nuclei, nucleus_probabilities
 from segpc.segpc_format import Sample
@@ -66,17 +68,21 @@ def nucleus_arrays(samples: list[Sample], size: int) -> Arrays:
     return Arrays(np.stack(xs), np.stack(ys))
 
 
+def true_nucleus_crops(sample: Sample, scale: float, config: Config) -> list[tuple[Instance, CropInput]]:
+    """Each labelled cell with its crop at ``scale``, built around its true nucleus."""
+    image = equalize(sample.image) if config.cytoplasm.equalize else sample.image
+    labels = nucleus_labels(sample)
+    boxes = ndi.find_objects(labels, max_label=len(sample.instances))
+    return [(inst, crop_input(image, labels, i + 1, (sl[0].start, sl[1].start, sl[0].stop, sl[1].stop),
+                              scale, config.cytoplasm))
+            for i, (inst, sl) in enumerate(zip(sample.instances, boxes)) if sl is not None]
+
+
 def cytoplasm_arrays(samples: list[Sample], scale: float, config: Config) -> Arrays:
     """One crop per labelled cell at ``scale``; target = the whole cell, fitted alike."""
-    cfg = config.cytoplasm
     xs, ys = [], []
     for s in samples:
-        image = equalize(s.image) if cfg.equalize else s.image
-        labels = nucleus_labels(s)
-        for i, inst in enumerate(s.instances):
-            if not (labels == i + 1).any():
-                continue
-            crop = crop_input(image, labels, i + 1, mask_box(labels == i + 1), scale, cfg)
+        for inst, crop in true_nucleus_crops(s, scale, config):
             target = extract(inst.cell.astype(np.uint8), crop.window)
             xs.append(crop.pixels)
             ys.append(fit_to_input(target, crop.fit.size, cv2.INTER_NEAREST)[0])
@@ -179,19 +185,13 @@ def validate_scale(predict: Callable[[np.ndarray], np.ndarray], samples: list[Sa
     """One scale alone, on crops around the true nuclei: its cells against the true cells."""
     truth, pred = {}, {}
     for s in samples:
-        image = equalize(s.image) if config.cytoplasm.equalize else s.image
-        labels = nucleus_labels(s)
-        ids = [i + 1 for i in range(len(s.instances)) if (labels == i + 1).any()]
-        crops = [crop_input(image, labels, i, mask_box(labels == i), scale, config.cytoplasm) for i in ids]
+        crops = [crop for _, crop in true_nucleus_crops(s, scale, config)]
         probs = predict(gather_inputs(crops)) if crops else []
-        cells = []
-        for crop, prob in zip(crops, probs):
-            cand = candidate_from_probability(prob, crop, image.shape[:2], config.cytoplasm,
-                                              config.aggregation)
-            full = paste(cand.cell, crop.window, image.shape[:2])
-            cells.append(full)
+        shape = s.image.shape[:2]
+        pred[s.image_id] = [
+            paste(candidate_from_probability(prob, crop, shape, config.cytoplasm, config.aggregation).cell,
+                  crop.window, shape) for crop, prob in zip(crops, probs)]
         truth[s.image_id] = [inst.cell for inst in s.instances]
-        pred[s.image_id] = cells
     return evaluate(truth, pred)
 
 

@@ -18,6 +18,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from ray_jobs.local_s3 import stop_group
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -82,12 +84,8 @@ class HeadNode:
     def stop(self) -> None:
         """SIGTERM the blocking `ray start` (it stops its children), then reap stragglers
         that carry this cluster's temp dir on their command line."""
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.proc:
+            stop_group(self.proc, grace_s=10)
         for pid in _pids_mentioning(self.temp_dir):
             try:
                 os.kill(pid, signal.SIGKILL)
