@@ -3,7 +3,7 @@
     python benchmarks/segment_throughput.py --bundle BUNDLE [--images 120] [--size 640x480]
 
 Both read the images from disk, segment them and write the same outputs (images/, cells/,
-masks.zarr); both times include loading the models (and, for Ray, starting Ray). Prints
+masks.zarr, segpc/); both times include loading the models (and, for Ray, starting Ray). Prints
 images/s for each and the ratio (target: Ray >= 0.8x on one machine). Then runs the job
 with --rule best (every scale for every nucleus) and compares cytoplasm inferences and
 strict F1 with the cascade (target: >= 40% of the inferences saved, F1 no worse).
@@ -32,7 +32,7 @@ from segpc.segmenter import Segmenter
 def single_process(folder: Path, bundle: str, out: str, batch: int = 8) -> float:
     t0 = time.perf_counter()
     seg = Segmenter.from_bundle(bundle, device="cpu")
-    writer = OutputWriter(out)
+    writer = OutputWriter(out, segpc_masks=True)
     items = list_inputs(str(folder))
     for i in range(0, len(items), batch):
         chunk = items[i:i + batch]

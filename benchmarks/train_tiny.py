@@ -1,6 +1,7 @@
 """Train the tiny preset on a synthetic archive and score it on held-out slides.
 
     python benchmarks/train_tiny.py [--images 80] [--slides 4] [--epochs 30] [--nucleus-epochs 60]
+    python benchmarks/train_tiny.py --keep DIR --score-only   # rescore DIR's bundle, no training
 
 80 images in 4 slides: 60 train, 20 held out (one whole slide). Prints the wall time and,
 for each scale alone and for the aggregation rules, the official mIoU and strict F1.
@@ -20,7 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ray_jobs.train import main as train_main  # noqa: E402
 from segpc.bundle import read_bundle_meta  # noqa: E402
+from segpc.segmenter import Segmenter  # noqa: E402
+from segpc.splits import training_data  # noqa: E402
 from segpc.synthetic import write_archive  # noqa: E402
+from segpc.validation import compare_rules  # noqa: E402
 
 
 def main() -> int:
@@ -32,9 +36,16 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--size", default="640x480")
     p.add_argument("--keep", default=None, help="write the archive and bundle here instead of a temp dir")
+    p.add_argument("--score-only", action="store_true",
+                   help="no training: score the bundle under --keep with the current rules")
     args = p.parse_args()
     work = Path(args.keep or tempfile.mkdtemp(prefix="segpc-bench-"))
     data, bundle = work / "archive", str(work / "bundle")
+    if args.score_only:
+        if not args.keep:
+            p.error("--score-only needs --keep DIR (a folder an earlier run kept)")
+        print_table(compare_rules(Segmenter.from_bundle(bundle, device="cpu"), training_data(data)[1]))
+        return 0
     write_archive(data, args.images, args.slides, seed=11, size=args.size)
     t0 = time.time()
     rc = train_main(["--data", str(data), "--out", bundle, "--preset", "tiny", "--epochs", str(args.epochs),
@@ -46,14 +57,18 @@ def main() -> int:
     val = read_bundle_meta(bundle)["provenance"]["validation"]
     print(f"\ntraining wall time: {wall:.0f}s ({wall / 60:.1f} min) for {args.images} images, "
           f"{args.epochs} epochs, {args.workers} worker(s)")
+    print_table(val)
+    print(json.dumps({"wall_s": round(wall), "validation": val}))
+    return 0
+
+
+def print_table(val: dict) -> None:
     print(f"{'rule':<10} {'mIoU':>7} {'F1':>7} {'prec':>7} {'recall':>7} {'crops':>6}")
     for name, m in val.items():
         print(f"{name:<10} {m['miou']:7.4f} {m['f1']:7.4f} {m['precision']:7.4f} {m['recall']:7.4f} "
               f"{m['cytoplasm_inferences']:6d}")
     best_single = max(m["f1"] for n, m in val.items() if n.startswith("scale"))
     print(f"cascade F1 - best single-scale F1 = {val['cascade']['f1'] - best_single:+.4f}")
-    print(json.dumps({"wall_s": round(wall), "validation": val}))
-    return 0
 
 
 if __name__ == "__main__":

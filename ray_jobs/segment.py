@@ -182,12 +182,13 @@ def _charge(batch: dict, rows: list[int], seconds: float) -> None:
 class Finalize:
     """CPU stage: aggregation, label masks and all writes of a batch (images/ part last)."""
 
-    def __init__(self, bundle_uri: str, output: str, segpc_masks: bool, overlays: bool, rule: str):
-        from segpc.bundle import read_bundle_meta
+    def __init__(self, config: dict, output: str, segpc_masks: bool, overlays: bool, rule: str):
+        # The bundle's config comes from the driver: this actor needs no torch, so it starts
+        # in a fraction of the time the model actors take, while they are starting too.
         from segpc.config import Config
         from segpc.outputs import OutputWriter
 
-        self.config = Config.from_dict(read_bundle_meta(bundle_uri)["config"])
+        self.config = Config.from_dict(config)
         self.config.aggregation.mode = rule
         self.writer = OutputWriter(output, segpc_masks, overlays)
         self.overlays = overlays
@@ -226,6 +227,7 @@ class Plan:
     threads: int
     batch_size: int
     fuse_scales: bool = False
+    read_tasks: int = 2  # concurrent read + decode tasks
 
 
 def plan_resources(args: argparse.Namespace, cluster: dict, n_scales: int) -> Plan:
@@ -238,10 +240,13 @@ def plan_resources(args: argparse.Namespace, cluster: dict, n_scales: int) -> Pl
     n_nuc = args.nucleus_actors or max(1, int(gpus))
     n_cyt = args.cytoplasm_actors or n_nuc
     fuse = args.fuse_scales if args.fuse_scales is not None else gpus == 0
+    # Read tasks wait on storage, not the CPU, so one per CPU is plenty; more only start
+    # more worker processes, which on a small machine slows the actors' start-up.
+    reads = max(2, int(cpus))
     if gpus > 0:
         cyt_gpu = args.cytoplasm_gpu if args.cytoplasm_gpu is not None else \
             (1 - args.nucleus_gpu) / (1 if fuse else n_scales)
-        return Plan(n_nuc, n_cyt, args.nucleus_gpu, cyt_gpu, 1.0, args.threads or 2, args.batch_size or 16, fuse)
+        return Plan(n_nuc, n_cyt, args.nucleus_gpu, cyt_gpu, 1.0, args.threads or 2, args.batch_size or 16, fuse, reads)
     actors = n_nuc + n_cyt * (1 if fuse else n_scales)
     # Keep a whole CPU (or a quarter of a big node) free for reading, listing and writing:
     # some of Ray Data's own tasks ask for one full CPU.
@@ -250,16 +255,16 @@ def plan_resources(args: argparse.Namespace, cluster: dict, n_scales: int) -> Pl
     # the stages run at once, so their torch threads share the cores (oversubscribing them
     # cost 20% on 2 cores)
     threads = args.threads or max(1, int(cpus // actors))
-    return Plan(n_nuc, n_cyt, 0.0, 0.0, actor_cpus, threads, args.batch_size or 8, fuse)
+    return Plan(n_nuc, n_cyt, 0.0, 0.0, actor_cpus, threads, args.batch_size or 8, fuse, reads)
 
 
-def build_pipeline(items: list, args: argparse.Namespace, plan: Plan, scales: list[float]):
-    """The Ray Data graph, top to bottom."""
+def build_pipeline(items: list, args: argparse.Namespace, plan: Plan, config):
+    """The Ray Data graph, top to bottom; ``config`` is the bundle's."""
     import ray
 
     from ray_jobs.common import worker_runtime_env
 
-    rule = args.rule
+    rule, scales = args.rule, list(config.cytoplasm.scales)
     env = worker_runtime_env() or None
     if items[0].shard:
         from ray_jobs.common import pyarrow_filesystem
@@ -267,8 +272,8 @@ def build_pipeline(items: list, args: argparse.Namespace, plan: Plan, scales: li
         shards = sorted({it.shard for it in items})
         fs, _ = pyarrow_filesystem(shards[0])
         paths = [p.split("://", 1)[1] if fs is not None else p for p in shards]
-        ds = ray.data.read_parquet(paths, filesystem=fs, columns=["image_id", args.image_column],
-                                   include_paths=True, num_cpus=0.25)
+        ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=True, num_cpus=0.25) \
+            .select_columns(["path", "image_id", args.image_column])
         ds = ds.map_batches(shard_rows, fn_kwargs={
             "slides": {it.image_id: it.slide_id for it in items}, "todo": {it.image_id for it in items},
             "image_column": args.image_column,
@@ -277,6 +282,7 @@ def build_pipeline(items: list, args: argparse.Namespace, plan: Plan, scales: li
         ds = ray.data.from_items([{"uri": it.uri, "image_id": it.image_id, "slide_id": it.slide_id}
                                   for it in items], override_num_blocks=max(1, min(len(items) // 4, 1000)))
     ds = ds.map_batches(read_decode, fn_kwargs={"max_pixels": args.max_pixels}, batch_size=4,
+                        compute=ray.data.TaskPoolStrategy(size=plan.read_tasks),
                         num_cpus=0.25, batch_format="numpy", runtime_env=env)
     ds = ds.map_batches(NucleusStage, fn_constructor_kwargs={
                             "bundle_uri": args.bundle, "threads": plan.threads, "rule": rule,
@@ -292,7 +298,7 @@ def build_pipeline(items: list, args: argparse.Namespace, plan: Plan, scales: li
                             batch_size=plan.batch_size, num_gpus=plan.cytoplasm_gpu or None,
                             num_cpus=plan.actor_cpus, batch_format="numpy", runtime_env=env)
     return ds.map_batches(Finalize, fn_constructor_kwargs={
-                              "bundle_uri": args.bundle, "output": args.output,
+                              "config": config.to_dict(), "output": args.output,
                               "segpc_masks": args.segpc_masks, "overlays": args.overlays,
                               "rule": rule},
                           compute=ray.data.ActorPoolStrategy(size=1), batch_size=8, num_cpus=0.25,
@@ -315,9 +321,7 @@ def run(args: argparse.Namespace) -> dict:
     from segpc.slides import write_slides_table
 
     t0 = time.time()
-    bundle = load_bundle(args.bundle)  # a bad bundle stops here, before any work
-    scales = list(bundle.config.cytoplasm.scales)
-    del bundle
+    config = load_bundle(args.bundle).config  # a bad bundle stops here, before any work
     items = list_inputs(args.input, args.manifest)
     done: set[str] = set()
     if args.resume:
@@ -331,11 +335,11 @@ def run(args: argparse.Namespace) -> dict:
     todo = [it for it in items if it.image_id not in done]
     print(f"[segment] {len(items)} input image(s), {len(todo)} to do", flush=True)
     init_ray()
-    plan = plan_resources(args, ray.cluster_resources(), len(scales))
+    plan = plan_resources(args, ray.cluster_resources(), len(config.cytoplasm.scales))
     print(f"[segment] plan: {plan}", flush=True)
     counts = {"ok": 0, "error": 0, "cells": 0, "pipeline_s": 0.0}
     if todo:
-        ds = build_pipeline(todo, args, plan, scales)
+        ds = build_pipeline(todo, args, plan, config)
         seen, t_start = 0, time.time()
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for status, n_cells in zip(batch["status"], batch["n_cells"]):

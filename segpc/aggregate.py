@@ -13,7 +13,11 @@ the candidate is not good enough. The paper does not publish its thresholds; our
   (0.9). A network that hesitates over a cell's outline usually sees too little of it.
 * Cascade: accept the first candidate that is plausible, not truncated and sure. If none
   is, take the best of those computed: plausible first, then not truncated, then the
-  highest score. (Measured on held-out synthetic slides, around the true nuclei: this beats
+  highest score.
+* **Leap**: a candidate whose cell covers at least ``leap_fraction`` (0.1) of its crop's
+  in-image edge is far larger than its window, so the cascade skips the next scale. On
+  held-out synthetic slides (80 images, 415 cells) this cut the cytoplasm inferences from
+  62% to 54% of running every scale, with the same strict F1 and a higher mIoU. (Measured on held-out synthetic slides, around the true nuclei: this beats
   every single scale, where a ratio-only or truncation-only rule did not; see README.)
 * Best (for comparison and for quality at any cost): every scale runs for every nucleus,
   and the best candidate by the fallback order is kept.
@@ -43,6 +47,7 @@ class Candidate:
     nucleus_area: int
     score: float = 0.0  # mean cell probability over the predicted cell
     truncated: bool = False
+    edge_fraction: float = 0.0  # share of the crop's in-image edge the cell covers
     extra: dict = field(default_factory=dict)
 
     @property
@@ -59,9 +64,11 @@ def cytoplasm_ratio(cell_area: int, nucleus_area: int) -> float:
     return max(cell_area - nucleus_area, 0) / max(nucleus_area, 1)
 
 
-def touches_crop_edge(cell: np.ndarray, window: Box, image_shape: tuple[int, int],
-                      fraction: float) -> bool:
-    """True when the cell runs into a crop edge that lies inside the image."""
+def truncation(cell: np.ndarray, window: Box, image_shape: tuple[int, int],
+               touch_fraction: float) -> tuple[bool, float]:
+    """(truncated, edge_fraction): does the cell run into a crop edge that lies inside the
+    image, and what share of those edges it covers. Edges on the image border do not count:
+    a cell cut by the image is as large as it gets."""
     y0, x0, y1, x1 = window
     h, w = image_shape[:2]
     edges = []
@@ -73,11 +80,10 @@ def touches_crop_edge(cell: np.ndarray, window: Box, image_shape: tuple[int, int
         edges.append(cell[:, 0])
     if x1 < w:
         edges.append(cell[:, -1])
-    if not edges:
-        return False
-    touching = sum(int(e.sum()) for e in edges)
-    length = sum(e.size for e in edges)
-    return touching >= max(2, fraction * length)
+    touching, length = sum(int(e.sum()) for e in edges), sum(e.size for e in edges)
+    if not length:
+        return False, 0.0
+    return touching >= max(2, touch_fraction * length), touching / length
 
 
 def plausible(c: Candidate, cfg: AggregationConfig) -> bool:
@@ -91,6 +97,23 @@ def needs_larger_scale(c: Candidate, cfg: AggregationConfig) -> bool:
     Asked of the largest scale too; :func:`select` then falls back (there is no next scale).
     """
     return c.truncated or c.score < cfg.min_score or not plausible(c, cfg)
+
+
+def next_scale(candidates: list[Candidate], scales: list[float] | tuple[float, ...],
+               cfg: AggregationConfig) -> float | None:
+    """The scale a nucleus goes to next in the cascade, given its candidates so far
+    (ascending scale order); None when it is done."""
+    if not candidates:
+        return scales[0] if scales else None
+    last = candidates[-1]
+    if not needs_larger_scale(last, cfg) or last.scale not in scales:
+        return None
+    k = list(scales).index(last.scale) + 1
+    if k == len(scales):
+        return None  # no larger scale left
+    if last.edge_fraction >= cfg.leap_fraction and k + 1 < len(scales):
+        k += 1
+    return scales[k]
 
 
 def select(candidates: list[Candidate], cfg: AggregationConfig) -> list[Candidate]:

@@ -48,6 +48,7 @@ class AggregationConfig:
     windows: dict[float, tuple[float, float]] = field(default_factory=lambda: dict(PAPER_WINDOWS))
     min_score: float = 0.9  # the cascade stops only on a candidate at least this sure
     touch_fraction: float = 0.02  # of the crop's in-image edge length
+    leap_fraction: float = 0.1  # a cell covering this much of the crop edge skips a scale
     mode: str = "cascade"  # "best" (every scale, best kept) or "keep-all" (published submission)
 
 

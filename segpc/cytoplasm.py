@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from segpc.aggregate import Candidate, touches_crop_edge
+from segpc.aggregate import Candidate, truncation
 from segpc.config import AggregationConfig, CytoplasmConfig
 from segpc.crops import Box, Fit, clip_box, crop_window, extract, fit_to_input, input_size_for, unfit
 from segpc.nucleus import clean_mask
@@ -67,8 +67,9 @@ def candidate_from_probability(prob: np.ndarray, crop: CropInput, image_shape: t
         if owners.size:
             cell |= comps == owners[np.argmax(sizes[owners])]
     score = float(full[cell].mean()) if cell.any() else 0.0
-    truncated = touches_crop_edge(cell, crop.window, image_shape, agg.touch_fraction)
-    return Candidate(crop.scale, crop.window, cell, int(crop.nucleus.sum()), score, truncated)
+    truncated, edge_fraction = truncation(cell, crop.window, image_shape, agg.touch_fraction)
+    return Candidate(crop.scale, crop.window, cell, int(crop.nucleus.sum()), score, truncated,
+                     edge_fraction)
 
 
 def gather_inputs(crops: list[CropInput]) -> np.ndarray:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
-from segpc.aggregate import Candidate, needs_larger_scale, runs_every_scale, select
+from segpc.aggregate import Candidate, next_scale, runs_every_scale, select
 from segpc.config import Config
 from segpc.crops import Box, fit_to_input, unfit
 from segpc.cytoplasm import CropInput, candidate_from_probability, crop_input, gather_inputs
@@ -229,17 +229,19 @@ def detect(images: list[np.ndarray], nucleus_fn: NucleusFn, config: Config) -> l
             for im, p in zip(images, probs)]
 
 
-def pending(state: ImageState, config: Config) -> list[int]:
-    """Nuclei (0-based) that still need a scale: none tried yet, or the last one too small."""
+def pending(state: ImageState, scale: float, config: Config) -> list[int]:
+    """Nuclei (0-based) that go to ``scale``: all of them outside the cascade; in it, those
+    whose candidates so far send them there."""
     if runs_every_scale(config.aggregation):
         return list(range(len(state.nuclei)))
+    scales = config.cytoplasm.scales
     return [i for i in range(len(state.nuclei))
-            if not state.candidates.get(i) or needs_larger_scale(state.candidates[i][-1], config.aggregation)]
+            if next_scale(state.candidates.get(i, []), scales, config.aggregation) == scale]
 
 
 def run_scale(states: list[ImageState], scale: float, cell_fn: CellFn, config: Config) -> None:
     """One scale for the pending nuclei of a batch of images, in one network call."""
-    todo = [(st, i) for st in states for i in pending(st, config)]
+    todo = [(st, i) for st in states for i in pending(st, scale, config)]
     crops = [crop_input(st.source, st.nuclei.labels, i + 1, st.nuclei.boxes[i], scale, config.cytoplasm)
              for st, i in todo]
     if not crops:
