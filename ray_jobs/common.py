@@ -47,17 +47,20 @@ def pyarrow_filesystem(uri: str) -> tuple[pafs.FileSystem | None, str]:
     return pafs.S3FileSystem(**kwargs), uri.split("://", 1)[1]
 
 
-STORAGE_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE")
+WORKER_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE",
+                # the job's storage retry budget, and the tests' fault hook (ray_jobs/faults.py)
+                "SEGPC_IO_RETRY_S", "SEGPC_FAULT", "SEGPC_FAULT_DIR")
 
 
 def worker_runtime_env() -> dict:
-    """The driver's object-storage settings, for every task and actor it starts.
+    """The driver's object-storage settings (and ``SEGPC_*`` job settings), for every task
+    and actor it starts.
 
     Workers of a long-running cluster do not see the variables of the shell that started
     the driver; without this, reads from an S3-compatible endpoint would go to AWS.
     """
     import os
 
-    env = {k: os.environ[k] for k in STORAGE_VARS if os.environ.get(k)}
+    env = {k: os.environ[k] for k in WORKER_VARS if os.environ.get(k)}
     return {"env_vars": env} if env else {}

@@ -65,6 +65,7 @@ class LocalS3:
         self._own_dir = workdir is None
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="segpc-s3-"))
         self.proc: subprocess.Popen | None = None
+        self.ports: list[int] = []
         self.endpoint = ""
 
     def env(self) -> dict[str, str]:
@@ -72,7 +73,9 @@ class LocalS3:
                 "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_REGION": "us-east-1"}
 
     def start(self, timeout: float = 60.0) -> "LocalS3":
-        master, volume, filer, s3 = _free_ports(4)
+        """Start the server; after :meth:`halt`, again on the same ports and data."""
+        self.ports = self.ports or _free_ports(4)
+        master, volume, filer, s3 = self.ports
         (self.dir / "data").mkdir(parents=True, exist_ok=True)
         # An explicit identity: with none, SeaweedFS refuses signed multipart uploads
         # (pyarrow's, which Ray Train uses for checkpoints) as coming from an unknown key.
@@ -115,10 +118,14 @@ class LocalS3:
         except Exception:
             return False
 
-    def stop(self) -> None:
+    def halt(self) -> None:
+        """Stop the server but keep its data and ports (an outage, for the tests)."""
         if self.proc:
             stop_group(self.proc, grace_s=3)
         self.proc = None
+
+    def stop(self) -> None:
+        self.halt()
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 

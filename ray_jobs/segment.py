@@ -23,7 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ray_jobs.faults import maybe_die
 from segpc.errors import InputError, exit_status
+from segpc.storage import StorageUnavailable
 
 
 @dataclass
@@ -66,9 +68,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-pixels", type=int, default=None, help="refuse larger images (default 50 MP)")
     p.add_argument("--progress-every", type=int, default=50, help="a progress line every N images")
     p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint (else AWS_ENDPOINT_URL)")
+    p.add_argument("--io-retry-s", type=float, default=None,
+                   help="seconds each storage read or write keeps retrying before the job stops "
+                        "(default 300, or SEGPC_IO_RETRY_S); --resume completes a stopped job")
     args = p.parse_args(argv)
     if args.s3_endpoint:
         os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint
+    if args.io_retry_s is not None:
+        os.environ["SEGPC_IO_RETRY_S"] = str(args.io_retry_s)  # reaches the workers too
     if args.keep_all:
         args.rule = "keep-all"
     return args
@@ -92,7 +99,7 @@ def read_decode(batch: dict, max_pixels: int) -> dict:
             image = decode_image(data, batch["uri"][i], max_pixels or MAX_PIXELS)
             status.append("ok"), error.append(""), width.append(image.shape[1]), height.append(image.shape[0])
             work.append(Work(image=image))
-        except (InputError, OSError) as exc:
+        except (InputError, OSError) as exc:  # StorageUnavailable is neither: it stops the job
             status.append("error"), error.append(str(exc)), width.append(0), height.append(0)
             work.append(Work())
         seconds.append(time.perf_counter() - t0)
@@ -141,6 +148,7 @@ class NucleusStage(_Stage):
     def __call__(self, batch: dict) -> dict:
         from segpc.segmenter import detect
 
+        maybe_die("nucleus")
         t0 = time.perf_counter()
         rows = [i for i, w in enumerate(batch["work"]) if w.image is not None]
         for i, st in zip(rows, detect([batch["work"][i].image for i in rows], self.fn, self.config)):
@@ -164,6 +172,7 @@ class ScaleStage(_Stage):
     def __call__(self, batch: dict) -> dict:
         from segpc.segmenter import run_scale
 
+        maybe_die("cytoplasm")
         t0 = time.perf_counter()
         rows = [i for i, w in enumerate(batch["work"]) if w.state is not None]
         for scale in self.scales:
@@ -208,6 +217,7 @@ class Finalize:
                 float(batch["seconds"][i]) + time.perf_counter() - t0, result,
                 w.image if self.overlays else None))
         rows = self.writer.write(records)  # [] for an empty batch (all rows filtered on resume)
+        maybe_die("write")  # the worst moment: written, but Ray has not heard back
         return {k: np.array([r[k] if r[k] is not None else "" for r in rows], dtype=object if k != "n_cells" else int)
                 for k in SUMMARY_COLUMNS}
 
@@ -265,6 +275,8 @@ def build_pipeline(items: list, args: argparse.Namespace, plan: Plan, config):
     from ray_jobs.common import worker_runtime_env
 
     rule, scales = args.rule, list(config.cytoplasm.scales)
+    # a storage outage raised in a stage reaches the driver as itself (run() explains it)
+    ray.data.DataContext.get_current().raise_original_map_exception = True
     env = worker_runtime_env() or None
     if items[0].shard:
         from ray_jobs.common import pyarrow_filesystem
@@ -301,13 +313,30 @@ def build_pipeline(items: list, args: argparse.Namespace, plan: Plan, config):
                               "config": config.to_dict(), "output": args.output,
                               "segpc_masks": args.segpc_masks, "overlays": args.overlays,
                               "rule": rule},
-                          compute=ray.data.ActorPoolStrategy(size=1), batch_size=8, num_cpus=0.25,
+                          compute=ray.data.ActorPoolStrategy(size=1), batch_size=plan.batch_size, num_cpus=0.25,
                           batch_format="numpy", runtime_env=env)
+
+
+def _storage_errors_unwrapped(batches):
+    """Batches as they come; a storage outage that outlasted its retries, raised inside a
+    worker and wrapped by Ray on the way, comes out as itself, with what to do next."""
+    try:
+        yield from batches
+    except Exception as exc:
+        seen: BaseException | None = exc
+        while seen is not None:  # Ray's wrappers are instances of the cause's type too
+            inner = getattr(seen, "cause", None) or seen.__cause__
+            if isinstance(seen, StorageUnavailable) and not isinstance(inner, StorageUnavailable):
+                what = str(seen).splitlines()[0]  # Ray appends its own advice on retries
+                raise StorageUnavailable(f"{what}. The job stopped; what it wrote is kept: run it "
+                                         "again with --resume once the storage is back.") from None
+            seen = inner
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return exit_status(lambda: run(args))
+    return exit_status(lambda: run(args), failures=(StorageUnavailable,))
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -341,7 +370,7 @@ def run(args: argparse.Namespace) -> dict:
     if todo:
         ds = build_pipeline(todo, args, plan, config)
         seen, t_start = 0, time.time()
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in _storage_errors_unwrapped(ds.iter_batches(batch_size=None, batch_format="numpy")):
             for status, n_cells in zip(batch["status"], batch["n_cells"]):
                 counts["ok" if status == "ok" else "error"] += 1
                 counts["cells"] += int(n_cells)

@@ -5,10 +5,15 @@ name): cells first, then the label masks, overlays and SegPC masks, and the ``im
 part last. An image counts as done only once its ``images/`` row exists; ``--resume``
 deletes ``cells/`` parts left without their ``images/`` part by an interruption and skips
 the done images, so the finished set is complete and duplicate-free.
+
+A part's name is a hash of its images' ids: a batch written again (a Ray task retried after
+its worker died half-way) overwrites its own files instead of adding duplicates. Every
+write retries transient storage failures (:func:`segpc.storage.with_retries`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import uuid
 from dataclasses import dataclass
@@ -22,7 +27,7 @@ from segpc.imaging import encode_png
 from segpc.inputs import InputImage
 from segpc.overlay import draw_overlay
 from segpc.segmenter import ImageResult
-from segpc.storage import filesystem, join, storage_options
+from segpc.storage import filesystem, join, storage_options, with_retries
 
 IMAGES_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("slide_id", pa.string()), ("source_uri", pa.string()),
@@ -76,7 +81,7 @@ class OutputWriter:
     def write(self, records: list[ImageRecord]) -> list[dict]:
         if not records:
             return []
-        part = f"part-{uuid.uuid4().hex}.parquet"
+        part = part_name([r.input.image_id for r in records])
         cells = [row for r in records if r.result is not None for row in _cell_rows(r)]
         self._parquet(f"cells/{part}", pa.Table.from_pylist(cells, schema=CELLS_SCHEMA))
         for r in records:
@@ -93,13 +98,15 @@ class OutputWriter:
 
     def _per_image_files(self, r: ImageRecord) -> None:
         nuclei, cells = r.result.label_maps()
-        write_label_masks(self.output, r.input.image_id, nuclei, cells)
+        with_retries(f"writing masks.zarr/{r.input.image_id}",
+                     lambda: write_label_masks(self.output, r.input.image_id, nuclei, cells))
         if self.overlays and r.image is not None:
             _put(self.fs, join(self.root, "overlays", f"{r.input.image_id}.png"),
                  encode_png(draw_overlay(r.image, nuclei, cells)))
         if self.segpc_masks:
-            for old in self.fs.glob(join(self.root, "segpc", f"{r.input.image_id}_*.bmp")):
-                self.fs.rm(old)
+            pattern = join(self.root, "segpc", f"{r.input.image_id}_*.bmp")
+            for old in with_retries(f"listing {pattern}", lambda: self.fs.glob(pattern)):
+                with_retries(f"removing {old}", lambda: self.fs.rm(old))
             for inst in r.result.instances():
                 _put(self.fs, join(self.root, "segpc", f"{r.input.image_id}_{inst.k}.bmp"),
                      _bmp(inst.to_segpc_mask()))
@@ -112,17 +119,25 @@ def _bmp(mask: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
+def part_name(image_ids: list[str]) -> str:
+    """The Parquet part name of a batch: the same images always give the same name."""
+    digest = hashlib.sha256("\n".join(sorted(image_ids)).encode()).hexdigest()[:24]
+    return f"part-{digest}.parquet"
+
+
 def _put(fs, path: str, data: bytes) -> None:
-    """Whole-object write; on local disks via a temp name and rename, so readers never
-    see half a file."""
-    parent = path.rsplit("/", 1)[0]
-    fs.makedirs(parent, exist_ok=True)
-    if isinstance(fs, LocalFileSystem):
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        fs.pipe_file(tmp, data)
-        fs.mv(tmp, path)
-    else:
-        fs.pipe_file(path, data)
+    """Whole-object write, retried; on local disks via a temp name and rename, so readers
+    never see half a file."""
+    def write() -> None:
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        if isinstance(fs, LocalFileSystem):
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            fs.pipe_file(tmp, data)
+            fs.mv(tmp, path)
+        else:
+            fs.pipe_file(path, data)
+
+    with_retries(f"writing {path}", write)
 
 
 def _image_row(r: ImageRecord) -> dict:
@@ -195,17 +210,21 @@ def remove_orphan_cells(output: str) -> int:
 
 
 def _parts(fs, folder: str) -> list[str]:
-    fs.invalidate_cache(folder)
-    if not fs.exists(folder):
-        return []
-    return sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".parquet"))
+    def listing() -> list[str]:
+        fs.invalidate_cache(folder)
+        if not fs.exists(folder):
+            return []
+        return sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".parquet"))
+
+    return with_retries(f"listing {folder}", listing)
 
 
 def _read(fs, paths: list[str], columns: list[str] | None = None) -> pa.Table:
-    tables = []
-    for p in paths:
+    def read(p: str) -> pa.Table:
         with fs.open(p, "rb") as f:
-            tables.append(pq.read_table(f, columns=columns))
+            return pq.read_table(f, columns=columns)
+
+    tables = [with_retries(f"reading {p}", lambda: read(p)) for p in paths]
     return pa.concat_tables(tables) if tables else pa.table({})
 
 

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from segpc.outputs import read_table
-from segpc.storage import filesystem, join
+from segpc.storage import filesystem, join, with_retries
 
 SLIDE_COLUMNS = ["slide_id", "images", "images_ok", "images_error", "plasma_cells",
                  "mean_cells_per_image", "median_cell_area", "mean_cell_area", "mean_nucleus_area",
@@ -45,5 +45,6 @@ def write_slides_table(output: str) -> pd.DataFrame:
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pandas(table, preserve_index=False), buf)
     fs, root = filesystem(output)
-    fs.pipe_file(join(root, "slides.parquet"), buf.getvalue())
+    path = join(root, "slides.parquet")
+    with_retries(f"writing {path}", lambda: fs.pipe_file(path, buf.getvalue()))
     return table

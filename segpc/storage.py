@@ -7,9 +7,14 @@ variable boto3 and the AWS CLI honour; passing it explicitly keeps older botocor
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import fsspec
 from fsspec import AbstractFileSystem
+
+T = TypeVar("T")
 
 
 def s3_endpoint() -> str | None:
@@ -40,22 +45,44 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
-def read_bytes(uri: str, attempts: int = 5, backoff_s: float = 0.5) -> bytes:
-    """Whole object, retrying transient failures with exponential backoff.
+class StorageUnavailable(RuntimeError):
+    """Object storage did not answer within the retry budget. Not a property of any one
+    image: the job stops (outputs so far are kept) and ``--resume`` completes it later."""
 
-    A missing object is not transient and fails at once; anything else (connection reset,
-    throttling, a storage server restarting) is retried ``attempts`` times.
-    """
-    import time
 
-    fs, path = filesystem(uri)
-    for attempt in range(attempts):
+# Errors that retrying cannot fix: the object is not there, or we may not touch it.
+PERMANENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError,
+             TypeError)
+
+
+def retry_budget_s() -> float:
+    """Seconds a storage call keeps retrying (``SEGPC_IO_RETRY_S``, default 300): long enough
+    to ride out a storage server restart, short enough to notice a real outage."""
+    return float(os.environ.get("SEGPC_IO_RETRY_S", "300"))
+
+
+def with_retries(what: str, call: Callable[[], T], budget_s: float | None = None) -> T:
+    """``call()``, retrying transient failures (connection refused or reset, throttling, a
+    server restarting) with exponential backoff (0.25 s doubling to 8 s) for ``budget_s``
+    seconds; then :class:`StorageUnavailable` naming ``what``. Permanent errors (a missing
+    object, access denied) are raised at once."""
+    budget = retry_budget_s() if budget_s is None else budget_s
+    deadline, delay = time.monotonic() + budget, 0.25
+    while True:
         try:
-            return fs.cat_file(path)
-        except (FileNotFoundError, IsADirectoryError, PermissionError):
+            return call()
+        except PERMANENT:
             raise
-        except Exception:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(backoff_s * 2 ** attempt)
-    raise AssertionError("unreachable")
+        except Exception as exc:  # noqa: BLE001 - clients raise many types for one outage
+            if time.monotonic() + delay > deadline:
+                raise StorageUnavailable(
+                    f"object storage unreachable for {budget:g}s while {what}: "
+                    f"{type(exc).__name__}: {exc}") from exc
+            time.sleep(delay)
+            delay = min(delay * 2, 8.0)
+
+
+def read_bytes(uri: str) -> bytes:
+    """Whole object, retrying transient failures (see :func:`with_retries`)."""
+    fs, path = filesystem(uri)
+    return with_retries(f"reading {uri}", lambda: fs.cat_file(path))

@@ -39,6 +39,24 @@ def s3_bucket(s3_server, request):
 
 
 @pytest.fixture(scope="session")
+def archive(tmp_path_factory):
+    """9 synthetic 320x240 images in 3 slides (SegPC layout), for the batch-job tests."""
+    from segpc.synthetic import write_archive
+
+    root = tmp_path_factory.mktemp("archive")
+    write_archive(root, n_images=9, n_slides=3, seed=7, size="320x240")
+    return root
+
+
+@pytest.fixture(scope="session")
+def bundle(archive, tmp_path_factory):
+    """A tiny bundle whose U-Net finds the archive's nuclei (see helpers.quick_bundle)."""
+    from helpers import quick_bundle
+
+    return quick_bundle(archive, str(tmp_path_factory.mktemp("bundle") / "tiny"))
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """One in-process Ray instance for the whole session (never `ray stop`)."""
     import ray

@@ -71,3 +71,18 @@ def upload(fs, prefix: str, files: dict[str, bytes]) -> None:
 
 def png_bytes(arr: np.ndarray) -> bytes:
     return _encode(".png", arr[..., ::-1])
+
+
+def bomb_bytes(ext: str, width: int, height: int) -> bytes:
+    """A small valid ``.png`` or ``.bmp`` whose header claims width x height pixels."""
+    import struct
+    import zlib
+
+    data = bytearray(_encode(ext, np.zeros((8, 8, 3), np.uint8)))
+    if ext == ".png":
+        ihdr = struct.pack(">II", width, height) + bytes(data[24:29])
+        data[16:29] = ihdr
+        data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    else:
+        data[18:26] = struct.pack("<ii", width, height)
+    return bytes(data)

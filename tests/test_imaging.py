@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from helpers import bad_files, png_bytes
+from helpers import bad_files, bomb_bytes, png_bytes
 
 from segpc.errors import InputError
 from segpc.imaging import decode_image
@@ -22,3 +22,15 @@ def test_good_rgb_round_trip_keeps_channel_order():
     out = decode_image(png_bytes(rgb), "red.png")
     assert out.shape == (40, 50, 3) and out.dtype == np.uint8
     assert out[0, 0].tolist() == [200, 0, 0]
+
+
+@pytest.mark.parametrize("ext", [".png", ".bmp"])
+def test_decompression_bombs_are_refused_before_any_pixel_is_allocated(ext):
+    import resource
+
+    data = bomb_bytes(ext, 60000, 60000)  # 3.6 G pixels (10.8 GB decoded) claimed by ~200 bytes
+    assert len(data) < 1000
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    with pytest.raises(InputError, match="exceeds the limit"):
+        decode_image(data, f"bomb{ext}")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 64 * 1024

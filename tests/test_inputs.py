@@ -39,6 +39,9 @@ def test_safe_id_is_stable_and_distinguishes_altered_names():
     assert safe_id("S1/img 1.bmp") == safe_id("S1/img 1.bmp")
     assert safe_id("a b.png") != safe_id("a_b.png")
     assert safe_id("plain-name_01.bmp") == "plain-name_01"
+    # a path that climbs out of the prefix (a manifest may hold one) names no folder at all
+    climb = safe_id("../../etc/passwd.png")
+    assert "/" not in climb and ".." not in climb and not climb.startswith(".")
 
 
 def test_empty_or_missing_input(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 from helpers import quick_bundle, slide_layout, upload
 from raycluster import HeadNode
 
-from ray_jobs.common import STORAGE_VARS
+from ray_jobs.common import WORKER_VARS
 from segpc.bundle import load_bundle, save_bundle
 from segpc.outputs import read_table
 from segpc.storage import filesystem
@@ -33,7 +33,7 @@ def test_segment_job_runs_under_ray_job_submit(head, s3_bucket, tmp_path):
     prefix = s3_bucket.removeprefix("s3://")
     upload(fs, f"{prefix}/in", slide_layout(archive))
     save_bundle(load_bundle(quick_bundle(archive, str(tmp_path / "bundle"), epochs=2)), f"{s3_bucket}/bundle")
-    env = {k: os.environ[k] for k in STORAGE_VARS if os.environ.get(k)}
+    env = {k: os.environ[k] for k in WORKER_VARS if os.environ.get(k)}
     proc = head.submit([sys.executable, "-m", "ray_jobs.segment", "--input", f"{s3_bucket}/in",
                         "--output", f"{s3_bucket}/out", "--bundle", f"{s3_bucket}/bundle",
                         "--progress-every", "2"], working_dir=str(ROOT), env_vars=env)

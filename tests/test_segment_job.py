@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from helpers import bad_files, quick_bundle, slide_layout, upload
+from helpers import bad_files, slide_layout, upload
 
 from ray_jobs.segment import main as segment_main
 from segpc.bundle import load_bundle, save_bundle
@@ -21,22 +21,9 @@ from segpc.outputs import read_table, unpack_mask, zarr_store
 from segpc.segmenter import Segmenter
 from segpc.segpc_format import write_masks
 from segpc.storage import filesystem
-from segpc.synthetic import write_archive
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
 MAX_PIXELS = "400000"
-
-
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory):
-    root = tmp_path_factory.mktemp("archive")
-    write_archive(root, n_images=9, n_slides=3, seed=7, size="320x240")
-    return root
-
-
-@pytest.fixture(scope="module")
-def bundle(archive, tmp_path_factory):
-    return quick_bundle(archive, str(tmp_path_factory.mktemp("bundle") / "tiny"))
 
 
 @pytest.fixture
