@@ -1,8 +1,11 @@
-"""Shared by the benchmarks: a synthetic archive laid out in slide folders."""
+"""Shared by the benchmarks: a synthetic archive in slide folders; a job run with its memory sampled."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -19,3 +22,60 @@ def slide_folders(work: Path, n_images: int, n_slides: int, seed: int, size: str
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(p.read_bytes())
     return archive, folders
+
+
+def _children(pid: int) -> set[int]:
+    kids = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pid:
+                kids.add(int(d.name))
+    return kids
+
+
+def _tree(pid: int) -> set[int]:
+    seen, todo = set(), {pid}
+    while todo:
+        p = todo.pop()
+        seen.add(p)
+        todo |= _children(p) - seen
+    return seen
+
+
+def _pss_kib(pid: int) -> int:
+    try:
+        for line in (Path("/proc") / str(pid) / "smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def run_sampled(cmd: list[str], env: dict | None = None, every_s: float = 0.2,
+                log: Path | None = None) -> tuple[int, float, list[tuple[float, float]]]:
+    """Run ``cmd`` (from the repository root), sampling the summed PSS (proportional set size:
+    shared pages such as Ray's object store counted once) of it and every process it starts.
+    Returns (exit status, wall seconds, [(seconds since start, MiB)])."""
+    out = open(log, "wb") if log else subprocess.DEVNULL
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                            cwd=Path(__file__).resolve().parents[1])
+    samples: list[tuple[float, float]] = []
+
+    def sample() -> None:
+        while proc.poll() is None:
+            samples.append((time.time() - t0, sum(_pss_kib(p) for p in _tree(proc.pid)) / 1024))
+            time.sleep(every_s)
+
+    thread = threading.Thread(target=sample)
+    thread.start()
+    proc.wait()
+    thread.join()
+    if log:
+        out.close()
+    return proc.returncode, time.time() - t0, samples

@@ -11,66 +11,18 @@ at most 1.2x the N peak (streaming: memory does not grow with the archive).
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
-from _common import slide_folders
-
-
-def _children(pid: int) -> set[int]:
-    kids = {pid}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            kids.add(int(d.name)) if ppid == pid else None
-    return kids
-
-
-def _tree(pid: int) -> set[int]:
-    seen, todo = set(), {pid}
-    while todo:
-        p = todo.pop()
-        seen.add(p)
-        todo |= _children(p) - seen
-    return seen
-
-
-def _pss_kib(pid: int) -> int:
-    try:
-        for line in (Path("/proc") / str(pid) / "smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+from _common import run_sampled, slide_folders
 
 
 def run(folder: Path, out: Path, bundle: str) -> tuple[float, float]:
-    proc = subprocess.Popen([sys.executable, "-m", "ray_jobs.segment", "--input", str(folder),
-                             "--output", str(out), "--bundle", bundle, "--progress-every", "100000"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            cwd=Path(__file__).resolve().parents[1])
-    peak = [0]
-
-    def sample():
-        while proc.poll() is None:
-            peak[0] = max(peak[0], sum(_pss_kib(p) for p in _tree(proc.pid)))
-            time.sleep(0.2)
-
-    t0 = time.time()
-    thread = threading.Thread(target=sample)
-    thread.start()
-    proc.wait()
-    thread.join()
-    assert proc.returncode == 0, "the job failed"
-    return peak[0] / 1024, time.time() - t0
+    rc, wall, samples = run_sampled([sys.executable, "-m", "ray_jobs.segment", "--input", str(folder),
+                                     "--output", str(out), "--bundle", bundle, "--progress-every", "100000"])
+    assert rc == 0, "the job failed"
+    return max(m for _, m in samples), wall
 
 
 def main() -> int:

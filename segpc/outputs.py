@@ -98,15 +98,15 @@ class OutputWriter:
 
     def _per_image_files(self, r: ImageRecord) -> None:
         nuclei, cells = r.result.label_maps()
-        with_retries(f"writing masks.zarr/{r.input.image_id}",
-                     lambda: write_label_masks(self.output, r.input.image_id, nuclei, cells))
+        with_retries(f"writing masks.zarr/{r.input.image_id}", write_label_masks,
+                     self.output, r.input.image_id, nuclei, cells)
         if self.overlays and r.image is not None:
             _put(self.fs, join(self.root, "overlays", f"{r.input.image_id}.png"),
                  encode_png(draw_overlay(r.image, nuclei, cells)))
         if self.segpc_masks:
             pattern = join(self.root, "segpc", f"{r.input.image_id}_*.bmp")
-            for old in with_retries(f"listing {pattern}", lambda: self.fs.glob(pattern)):
-                with_retries(f"removing {old}", lambda: self.fs.rm(old))
+            for old in with_retries(f"listing {pattern}", self.fs.glob, pattern):
+                with_retries(f"removing {old}", self.fs.rm, old)
             for inst in r.result.instances():
                 _put(self.fs, join(self.root, "segpc", f"{r.input.image_id}_{inst.k}.bmp"),
                      _bmp(inst.to_segpc_mask()))
@@ -224,7 +224,7 @@ def _read(fs, paths: list[str], columns: list[str] | None = None) -> pa.Table:
         with fs.open(p, "rb") as f:
             return pq.read_table(f, columns=columns)
 
-    tables = [with_retries(f"reading {p}", lambda: read(p)) for p in paths]
+    tables = [with_retries(f"reading {p}", read, p) for p in paths]
     return pa.concat_tables(tables) if tables else pa.table({})
 
 

@@ -46,5 +46,5 @@ def write_slides_table(output: str) -> pd.DataFrame:
     pq.write_table(pa.Table.from_pandas(table, preserve_index=False), buf)
     fs, root = filesystem(output)
     path = join(root, "slides.parquet")
-    with_retries(f"writing {path}", lambda: fs.pipe_file(path, buf.getvalue()))
+    with_retries(f"writing {path}", fs.pipe_file, path, buf.getvalue())
     return table

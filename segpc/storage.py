@@ -61,8 +61,8 @@ def retry_budget_s() -> float:
     return float(os.environ.get("SEGPC_IO_RETRY_S", "300"))
 
 
-def with_retries(what: str, call: Callable[[], T], budget_s: float | None = None) -> T:
-    """``call()``, retrying transient failures (connection refused or reset, throttling, a
+def with_retries(what: str, call: Callable[..., T], *args, budget_s: float | None = None) -> T:
+    """``call(*args)``, retrying transient failures (connection refused or reset, throttling, a
     server restarting) with exponential backoff (0.25 s doubling to 8 s) for ``budget_s``
     seconds; then :class:`StorageUnavailable` naming ``what``. Permanent errors (a missing
     object, access denied) are raised at once."""
@@ -70,7 +70,7 @@ def with_retries(what: str, call: Callable[[], T], budget_s: float | None = None
     deadline, delay = time.monotonic() + budget, 0.25
     while True:
         try:
-            return call()
+            return call(*args)
         except PERMANENT:
             raise
         except Exception as exc:  # noqa: BLE001 - clients raise many types for one outage
@@ -85,4 +85,4 @@ def with_retries(what: str, call: Callable[[], T], budget_s: float | None = None
 def read_bytes(uri: str) -> bytes:
     """Whole object, retrying transient failures (see :func:`with_retries`)."""
     fs, path = filesystem(uri)
-    return with_retries(f"reading {uri}", lambda: fs.cat_file(path))
+    return with_retries(f"reading {uri}", fs.cat_file, path)
