@@ -313,8 +313,9 @@ def build_pipeline(items: list, args: argparse.Namespace, plan: Plan, config):
                               "config": config.to_dict(), "output": args.output,
                               "segpc_masks": args.segpc_masks, "overlays": args.overlays,
                               "rule": rule},
-                          compute=ray.data.ActorPoolStrategy(size=1), batch_size=plan.batch_size, num_cpus=0.25,
-                          batch_format="numpy", runtime_env=env)
+                          # one writer per nucleus actor: writes keep up as the GPUs grow
+                          compute=ray.data.ActorPoolStrategy(size=plan.nucleus_actors),
+                          batch_size=plan.batch_size, num_cpus=0.25, batch_format="numpy", runtime_env=env)
 
 
 def _storage_errors_unwrapped(batches):
