@@ -111,8 +111,9 @@ def shard_rows(batch: dict, slides: dict, todo: set, image_column: str, scheme: 
     """Parquet-shard rows -> the read stage's columns, keeping only the images still to do."""
     from segpc.inputs import safe_id
 
-    keep = [i for i, raw in enumerate(batch["image_id"]) if safe_id(str(raw)) in todo]
-    ids = [safe_id(str(batch["image_id"][i])) for i in keep]
+    ids_all = [safe_id(str(raw)) for raw in batch["image_id"]]
+    keep = [i for i, image_id in enumerate(ids_all) if image_id in todo]
+    ids = [ids_all[i] for i in keep]
     return {"uri": np.array([f"{scheme}{batch['path'][i]}#{batch['image_id'][i]}" for i in keep], dtype=object),
             "image_id": np.array(ids, dtype=object), "slide_id": np.array([slides[i] for i in ids], dtype=object),
             "data": _objects([batch[image_column][i] for i in keep])}
@@ -236,8 +237,8 @@ class Plan:
     actor_cpus: float
     threads: int
     batch_size: int
-    fuse_scales: bool = False
-    read_tasks: int = 2  # concurrent read + decode tasks
+    fuse_scales: bool
+    read_tasks: int  # concurrent read + decode tasks
 
 
 def plan_resources(args: argparse.Namespace, cluster: dict, n_scales: int) -> Plan:

@@ -13,6 +13,7 @@ import csv
 import hashlib
 import io
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 from segpc.errors import InputError
@@ -116,7 +117,7 @@ def _unique(items: list[tuple[str, str, str]]) -> list[InputImage]:
     """(uri, relative path, slide) -> inputs whose ids are the file stems where those are
     unique, else the relative paths; a numeric suffix settles what is still equal."""
     stems = [safe_id(rel.rsplit("/", 1)[-1]) for _, rel, _ in items]
-    clash = {s for s in stems if stems.count(s) > 1} if len(set(stems)) < len(stems) else set()
+    clash = {s for s, n in Counter(stems).items() if n > 1}  # linear: archives hold 100k+ files
     seen: dict[str, int] = {}
     out = []
     for (uri, rel, slide), stem in zip(items, stems):
