@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import threading
@@ -11,6 +12,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segpc.synthetic import write_archive  # noqa: E402
+
+
+def job_parser(doc: str, images: int, size: str = "640x480") -> argparse.ArgumentParser:
+    """The options every batch-job benchmark takes: a trained bundle, how many images, what size."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", required=True, help="a trained bundle (local folder)")
+    p.add_argument("--images", type=int, default=images)
+    p.add_argument("--size", default=size, help="image size, WIDTHxHEIGHT")
+    return p
 
 
 def slide_folders(work: Path, n_images: int, n_slides: int, seed: int, size: str) -> tuple[Path, Path]:

@@ -12,7 +12,6 @@ memory means the last quarter's peak is not above the second's by more than nois
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -21,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import run_sampled
+from _common import job_parser, run_sampled
 
 from ray_jobs.local_s3 import LocalS3
 from segpc.outputs import read_table
@@ -30,11 +29,8 @@ from segpc.synthetic import write_archive
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bundle", required=True, help="a trained bundle (local folder)")
-    p.add_argument("--images", type=int, default=1000)
+    p = job_parser(__doc__, images=1000, size="320x240")
     p.add_argument("--slides", type=int, default=4)
-    p.add_argument("--size", default="320x240")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="segpc-load-"))
     t0 = time.time()

@@ -10,12 +10,11 @@ at most 1.2x the N peak (streaming: memory does not grow with the archive).
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
 
-from _common import run_sampled, slide_folders
+from _common import job_parser, run_sampled, slide_folders
 
 
 def run(folder: Path, out: Path, bundle: str) -> tuple[float, float]:
@@ -26,10 +25,7 @@ def run(folder: Path, out: Path, bundle: str) -> tuple[float, float]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bundle", required=True)
-    p.add_argument("--images", type=int, default=50)
-    p.add_argument("--size", default="640x480")
+    p = job_parser(__doc__, images=50)
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="segpc-mem-"))
     peaks = {}

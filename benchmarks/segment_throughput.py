@@ -11,14 +11,13 @@ strict F1 with the cascade (target: >= 40% of the inferences saved, F1 no worse)
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import slide_folders
+from _common import job_parser, slide_folders
 
 from ray_jobs.segment import parse_args
 from ray_jobs.segment import run as segment_run
@@ -44,10 +43,7 @@ def single_process(folder: Path, bundle: str, out: str, batch: int = 8) -> float
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bundle", required=True)
-    p.add_argument("--images", type=int, default=120)
-    p.add_argument("--size", default="640x480")
+    p = job_parser(__doc__, images=120)
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="segpc-tput-"))
     archive, folder = slide_folders(work, args.images, 4, seed=21, size=args.size)
