@@ -41,11 +41,9 @@ def s3_bucket(s3_server, request):
 @pytest.fixture(scope="session")
 def archive(tmp_path_factory):
     """9 synthetic 320x240 images in 3 slides (SegPC layout), for the batch-job tests."""
-    from segpc.synthetic import write_archive
+    from helpers import synthetic_slides
 
-    root = tmp_path_factory.mktemp("archive")
-    write_archive(root, n_images=9, n_slides=3, seed=7, size="320x240")
-    return root
+    return synthetic_slides(tmp_path_factory, 9, seed=7)
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,15 @@ from segpc.imaging import read_image
 from segpc.training import nucleus_arrays, train_epoch
 
 
+def synthetic_slides(tmp_path_factory, n_images: int, seed: int) -> Path:
+    """A synthetic SegPC archive of small (320x240) images in 3 slides."""
+    from segpc.synthetic import write_archive
+
+    root = tmp_path_factory.mktemp(f"archive{n_images}")
+    write_archive(root, n_images=n_images, n_slides=3, seed=seed, size="320x240")
+    return root
+
+
 def quick_bundle(archive: Path, out: str, epochs: int = 40) -> str:
     """A tiny bundle whose U-Net has seen the archive for a few epochs (in-process, no Ray),
     so it finds nuclei; the cytoplasm networks stay random. Enough to exercise the job."""

@@ -19,14 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from helpers import bomb_bytes, slide_layout, upload
+from helpers import bomb_bytes, slide_layout, synthetic_slides, upload
 
 from ray_jobs.local_s3 import LocalS3
 from ray_jobs.segment import main as segment_main
 from segpc.inputs import MAX_ID_LENGTH
 from segpc.outputs import done_image_ids, read_table, zarr_store
 from segpc.storage import filesystem
-from segpc.synthetic import write_archive
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
 REPO = Path(__file__).resolve().parents[1]
@@ -36,9 +35,7 @@ PREFIX = "s3://segpc-tests/reliability"
 @pytest.fixture(scope="module")
 def archive24(tmp_path_factory):
     """24 small images in 3 slides: enough batches to interrupt a run half-way."""
-    root = tmp_path_factory.mktemp("archive24")
-    write_archive(root, n_images=24, n_slides=3, seed=5, size="320x240")
-    return root
+    return synthetic_slides(tmp_path_factory, 24, seed=5)
 
 
 @pytest.fixture(scope="module")
