@@ -1,10 +1,13 @@
-"""Test-only fault injection for the batch job: off unless ``SEGPC_FAULT`` is set.
+"""Test-only fault injection: off unless ``SEGPC_FAULT`` is set.
 
 ``SEGPC_FAULT="nucleus@2,cytoplasm@3,write@2"`` makes the named stage's worker process kill
 itself (SIGKILL, as the kernel's OOM killer or a lost node would) at that call, once per
 job: a marker file in ``SEGPC_FAULT_DIR`` records that the fault fired, so the actor Ray
 restarts carries on. The reliability tests use it to show that Ray restarts the actor,
 retries its batch, and the outputs still hold every image exactly once.
+
+``SEGPC_FAULT="epoch@1"`` makes a training run (ray_jobs/train.py) fail after its first
+epoch's checkpoint, to show that ``--resume`` continues from it.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import os
 import signal
 from pathlib import Path
 
-STAGES = ("nucleus", "cytoplasm", "write")
 _calls: dict[str, int] = {}
 
 

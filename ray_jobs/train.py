@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ray_jobs.faults import fault_at
 from segpc.bundle import Bundle, load_bundle, network_name, new_bundle, read_bundle_meta, save_bundle
 from segpc.config import Config, preset
 from segpc.errors import InputError, exit_status
@@ -141,8 +142,8 @@ def run_stage(args: argparse.Namespace, cfg: Config, stage: str, scale: float | 
                            "batch_size": args.batch_size, "lr": args.lr,
                            "seed": args.seed, "threads": cpus, "val_fraction": args.val_fraction,
                            "name": name, "amp": args.use_gpu,
-                           # test-only fault hook (off unless set): fail once after this epoch
-                           "fail_after_epoch": int(os.environ.get("SEGPC_FAIL_AFTER_EPOCH", 0)) or None},
+                           # test-only fault hook (ray_jobs/faults.py): fail once after this epoch
+                           "fail_after_epoch": fault_at("epoch")},
         scaling_config=ray.train.ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu,
                                                resources_per_worker={"CPU": 1}),
         run_config=ray.train.RunConfig(

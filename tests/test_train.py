@@ -52,9 +52,9 @@ def test_resume_continues_from_the_last_checkpoint(ray_local, archive, tmp_path,
     out = str(tmp_path / "bundle")
     args = ["--data", str(archive), "--out", out, "--stage", "cytoplasm", "--scales", "0.5",
             *FAST[:2], "--epochs", "3", "--batch-size", "2", "--num-workers", "1", "--max-failures", "0"]
-    monkeypatch.setenv("SEGPC_FAIL_AFTER_EPOCH", "1")
+    monkeypatch.setenv("SEGPC_FAULT", "epoch@1")
     assert train_main(args) == 1  # interrupted after its first checkpoint
-    monkeypatch.delenv("SEGPC_FAIL_AFTER_EPOCH")
+    monkeypatch.delenv("SEGPC_FAULT")
     assert train_main(args) == 2  # an earlier run exists: resuming must be asked for
     ckpt = tmp_path / "bundle-checkpoints" / "cytoplasm-s0.5"
     first = sorted(ckpt.glob("checkpoint_*"))
