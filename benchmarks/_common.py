@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segpc.synthetic import write_archive  # noqa: E402
+from segpc.io.synthetic import write_archive  # noqa: E402
 
 
 def job_parser(doc: str, images: int, size: str = "640x480") -> argparse.ArgumentParser:

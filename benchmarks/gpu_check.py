@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from segpc.config import preset  # noqa: E402
 from segpc.models import build_cytoplasm_model, build_nucleus_model  # noqa: E402
-from segpc.runner import NetworkRunner, to_channels_last  # noqa: E402
+from segpc.models.runner import NetworkRunner, to_channels_last  # noqa: E402
 
 
 def timed(fn, repeat: int = 5) -> float:
@@ -56,7 +56,8 @@ def inference(results: dict) -> None:
 
 
 def training(results: dict) -> None:
-    from segpc.training import Arrays, train_epoch
+    from segpc.training.data import Arrays
+    from segpc.training.steps import train_epoch
 
     cfg = preset("paper")
     n = 128
@@ -73,7 +74,7 @@ def training(results: dict) -> None:
 
 
 def segmenter(results: dict, bundle: str, images: list[np.ndarray]) -> None:
-    from segpc.segmenter import Segmenter
+    from segpc.method.segmenter import Segmenter
 
     counts = {}
     for device, amp in (("cuda", True), ("cuda-fp32", False), ("cpu", None)):
@@ -104,11 +105,11 @@ def main() -> int:
     if not args.skip_networks:
         inference(results)
         training(results)
-    from segpc.synthetic import write_archive
+    from segpc.io.synthetic import write_archive
 
     work = Path(tempfile.mkdtemp())
     write_archive(work / "a", args.images, 4, seed=3, size="640x480")
-    from segpc.imaging import read_image
+    from segpc.io.imaging import read_image
 
     paths = sorted((work / "a" / "x").iterdir())
     segmenter(results, args.bundle, [read_image(p) for p in paths])

@@ -23,9 +23,9 @@ from pathlib import Path
 from _common import job_parser, run_sampled
 
 from ray_jobs.local_s3 import LocalS3
-from segpc.outputs import read_table
-from segpc.storage import filesystem
-from segpc.synthetic import write_archive
+from segpc.io.outputs import read_table
+from segpc.io.storage import filesystem
+from segpc.io.synthetic import write_archive
 
 
 def main() -> int:

@@ -21,11 +21,11 @@ from _common import job_parser, slide_folders
 
 from ray_jobs.segment import parse_args
 from ray_jobs.segment import run as segment_run
-from segpc.imaging import read_image
-from segpc.inputs import list_inputs
-from segpc.metrics import evaluate_folders
-from segpc.outputs import ImageRecord, OutputWriter, read_table
-from segpc.segmenter import Segmenter
+from segpc.io.imaging import read_image
+from segpc.io.inputs import list_inputs
+from segpc.io.segpc_format import evaluate_folders
+from segpc.io.outputs import ImageRecord, OutputWriter, read_table
+from segpc.method.segmenter import Segmenter
 
 
 def single_process(folder: Path, bundle: str, out: str, batch: int = 8) -> float:

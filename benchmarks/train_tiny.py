@@ -20,11 +20,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ray_jobs.train import main as train_main  # noqa: E402
-from segpc.bundle import read_bundle_meta  # noqa: E402
-from segpc.segmenter import Segmenter  # noqa: E402
-from segpc.splits import training_data  # noqa: E402
-from segpc.synthetic import write_archive  # noqa: E402
-from segpc.validation import compare_rules  # noqa: E402
+from segpc.models.bundle import read_bundle_meta  # noqa: E402
+from segpc.method.segmenter import Segmenter  # noqa: E402
+from segpc.training.splits import training_data  # noqa: E402
+from segpc.io.synthetic import write_archive  # noqa: E402
+from segpc.evaluation.validation import compare_rules  # noqa: E402
 
 
 def main() -> int:

@@ -29,7 +29,7 @@ def pyarrow_filesystem(uri: str) -> tuple[pafs.FileSystem | None, str]:
     """
     if not uri.startswith(("s3://", "s3a://")):
         return None, uri
-    from segpc.storage import s3_endpoint
+    from segpc.io.storage import s3_endpoint
 
     endpoint = s3_endpoint()
     kwargs = {}

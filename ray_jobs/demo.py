@@ -65,10 +65,10 @@ def run(args: argparse.Namespace, t0: float) -> int:
     from ray_jobs.common import init_ray
     from ray_jobs.segment import main as segment_main
     from ray_jobs.train import main as train_main
-    from segpc.metrics import evaluate_folders
-    from segpc.report import build_report
-    from segpc.storage import filesystem
-    from segpc.synthetic import write_archive
+    from segpc.io.segpc_format import evaluate_folders
+    from segpc.evaluation.report import build_report
+    from segpc.io.storage import filesystem
+    from segpc.io.synthetic import write_archive
 
     bucket = f"s3://{args.bucket}"
     fs, _ = filesystem(bucket)

@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.s3_endpoint:
         os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint
-    from segpc.report import build_report
+    from segpc.evaluation.report import build_report
 
     return exit_status(lambda: print(f"report: {build_report(args.output, args.gallery)}"))
 

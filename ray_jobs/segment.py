@@ -25,7 +25,7 @@ import numpy as np
 
 from ray_jobs.faults import maybe_die
 from segpc.errors import InputError, exit_status
-from segpc.storage import StorageUnavailable
+from segpc.io.storage import StorageUnavailable
 
 
 @dataclass
@@ -33,7 +33,7 @@ class Work:
     """The heavy part of a row, carried as one Python object between stages."""
 
     image: np.ndarray | None = None
-    state: object | None = None  # segpc.segmenter.ImageState once stage 1 ran
+    state: object | None = None  # segpc.method.segmenter.ImageState once stage 1 ran
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,8 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def read_decode(batch: dict, max_pixels: int) -> dict:
     """CPU task: fetch (with retries) and decode each image; failures become error rows."""
-    from segpc.imaging import MAX_PIXELS, decode_image
-    from segpc.storage import read_bytes
+    from segpc.io.imaging import MAX_PIXELS, decode_image
+    from segpc.io.storage import read_bytes
 
     n = len(batch["uri"])
     shard_bytes = batch.pop("data", None)  # rows of Parquet shards bring their bytes along
@@ -109,7 +109,7 @@ def read_decode(batch: dict, max_pixels: int) -> dict:
 
 def shard_rows(batch: dict, slides: dict, todo: set, image_column: str, scheme: str) -> dict:
     """Parquet-shard rows -> the read stage's columns, keeping only the images still to do."""
-    from segpc.inputs import safe_id
+    from segpc.io.inputs import safe_id
 
     ids_all = [safe_id(str(raw)) for raw in batch["image_id"]]
     keep = [i for i, image_id in enumerate(ids_all) if image_id in todo]
@@ -131,7 +131,7 @@ class _Stage:
     def _setup(self, bundle_uri: str, threads: int, rule: str, scales: list[float], nucleus: bool):
         import torch
 
-        from segpc.bundle import load_bundle
+        from segpc.models.bundle import load_bundle
 
         torch.set_num_threads(max(1, threads))
         self.bundle = load_bundle(bundle_uri, device="cpu", scales=scales, nucleus=nucleus)
@@ -141,13 +141,13 @@ class _Stage:
 
 class NucleusStage(_Stage):
     def __init__(self, bundle_uri: str, threads: int, rule: str, batch_size: int):
-        from segpc.segmenter import nucleus_fn
+        from segpc.method.segmenter import nucleus_fn
 
         self._setup(bundle_uri, threads, rule, [], True)
         self.fn = nucleus_fn(self.bundle, None, batch_size)
 
     def __call__(self, batch: dict) -> dict:
-        from segpc.segmenter import detect
+        from segpc.method.segmenter import detect
 
         maybe_die("nucleus")
         t0 = time.perf_counter()
@@ -164,14 +164,14 @@ class ScaleStage(_Stage):
     hand-overs of every row, and the cascade still skips the scales a nucleus does not need."""
 
     def __init__(self, bundle_uri: str, scales: list[float], threads: int, rule: str, batch_size: int):
-        from segpc.segmenter import cell_fn
+        from segpc.method.segmenter import cell_fn
 
         self._setup(bundle_uri, threads, rule, scales, False)
         self.scales = scales
         self.fn = cell_fn(self.bundle, None, batch_size)
 
     def __call__(self, batch: dict) -> dict:
-        from segpc.segmenter import run_scale
+        from segpc.method.segmenter import run_scale
 
         maybe_die("cytoplasm")
         t0 = time.perf_counter()
@@ -196,7 +196,7 @@ class Finalize:
         # The bundle's config comes from the driver: this actor needs no torch, so it starts
         # in a fraction of the time the model actors take, while they are starting too.
         from segpc.config import Config
-        from segpc.outputs import OutputWriter
+        from segpc.io.outputs import OutputWriter
 
         self.config = Config.from_dict(config)
         self.config.aggregation.mode = rule
@@ -204,9 +204,9 @@ class Finalize:
         self.overlays = overlays
 
     def __call__(self, batch: dict) -> dict:
-        from segpc.inputs import InputImage
-        from segpc.outputs import SUMMARY_COLUMNS, ImageRecord
-        from segpc.segmenter import finish
+        from segpc.io.inputs import InputImage
+        from segpc.io.outputs import SUMMARY_COLUMNS, ImageRecord
+        from segpc.method.segmenter import finish
 
         records = []
         for i, w in enumerate(batch["work"]):
@@ -346,10 +346,10 @@ def run(args: argparse.Namespace) -> dict:
     import ray
 
     from ray_jobs.common import init_ray
-    from segpc.bundle import load_bundle
-    from segpc.inputs import list_inputs
-    from segpc.outputs import done_image_ids, remove_orphan_cells
-    from segpc.slides import write_slides_table
+    from segpc.models.bundle import load_bundle
+    from segpc.io.inputs import list_inputs
+    from segpc.io.outputs import done_image_ids, remove_orphan_cells
+    from segpc.io.slides import write_slides_table
 
     t0 = time.time()
     config = load_bundle(args.bundle).config  # a bad bundle stops here, before any work

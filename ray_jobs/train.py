@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 from ray_jobs.faults import fault_at
-from segpc.bundle import Bundle, load_bundle, network_name, new_bundle, read_bundle_meta, save_bundle
+from segpc.models.bundle import Bundle, load_bundle, network_name, new_bundle, read_bundle_meta, save_bundle
 from segpc.config import Config, preset
 from segpc.errors import InputError, exit_status
-from segpc.storage import filesystem
+from segpc.io.storage import filesystem
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,7 +81,7 @@ def check_inputs(args: argparse.Namespace, cfg: Config) -> None:
     """Everything that can be wrong before training starts: data, output, GPUs, scales."""
     import ray
 
-    from segpc.splits import data_summary, localize
+    from segpc.training.splits import data_summary, localize
 
     n_train, n_cells, n_val = data_summary(localize(args.data), args.val_fraction)
     if n_train < args.num_workers or n_cells < 2 * args.num_workers:
@@ -159,7 +159,7 @@ def run_stage(args: argparse.Namespace, cfg: Config, stage: str, scale: float | 
                         f"are kept under {args.checkpoints}/{name}: rerun with --resume") from exc
     if result.checkpoint is None:
         raise RuntimeError(f"{name}: training produced no checkpoint")
-    from segpc.training import load_best
+    from segpc.training.checkpoint import load_best
 
     with result.checkpoint.as_directory() as d:
         weights, state = load_best(d)

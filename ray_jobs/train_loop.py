@@ -1,7 +1,7 @@
 """What runs inside each Ray Train worker, and the bundle-validation task.
 
 Only wiring: data sharding by rank, DDP, reporting and checkpoints. The data, the step and
-the metrics are ``segpc.training`` / ``segpc.validation`` functions.
+the metrics are ``segpc.training.steps`` / ``segpc.evaluation.validation`` functions.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ def train_loop(c: dict) -> None:
 
     from segpc.config import Config
     from segpc.models import build_cytoplasm_model, build_nucleus_model
-    from segpc.runner import NetworkRunner, to_channels_last
-    from segpc.splits import localize, training_data
-    from segpc.training import (cytoplasm_arrays, epoch_indices, load_checkpoint, lr_at,
-                                nucleus_arrays, save_checkpoint, train_epoch, validate_nucleus,
-                                validate_scale)
+    from segpc.models.runner import NetworkRunner, to_channels_last
+    from segpc.training.splits import localize, training_data
+    from segpc.evaluation.validation import validate_nucleus, validate_scale
+    from segpc.training.checkpoint import load_checkpoint, save_checkpoint
+    from segpc.training.data import cytoplasm_arrays, epoch_indices, nucleus_arrays
+    from segpc.training.steps import lr_at, train_epoch
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -107,9 +108,9 @@ def _all_reduce(stats: dict, world: int, device: torch.device) -> dict:
 
 def evaluate_bundle_task(files: dict[str, bytes], data: str, val_fraction: float) -> dict:
     """Ray task: the bundle (as file bytes) scored on the validation split, rule by rule."""
-    from segpc.segmenter import Segmenter
-    from segpc.splits import localize, training_data
-    from segpc.validation import compare_rules
+    from segpc.method.segmenter import Segmenter
+    from segpc.training.splits import localize, training_data
+    from segpc.evaluation.validation import compare_rules
 
     with tempfile.TemporaryDirectory() as tmp:
         for name, blob in files.items():

@@ -10,7 +10,7 @@ from segpc.errors import exit_status
 
 
 def _synth(args: argparse.Namespace) -> None:
-    from segpc.synthetic import write_archive
+    from segpc.io.synthetic import write_archive
 
     ids = write_archive(args.out, n_images=args.images, n_slides=args.slides, seed=args.seed,
                         size=args.size)
@@ -18,13 +18,13 @@ def _synth(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from segpc.metrics import evaluate_folders
+    from segpc.io.segpc_format import evaluate_folders
 
     print(json.dumps(evaluate_folders(args.truth, args.pred), indent=2))
 
 
 def _segment(args: argparse.Namespace) -> None:
-    from segpc.folder import segment_folder
+    from segpc.io.folder import segment_folder
 
     summary = segment_folder(args.input, args.bundle, args.out, overlays=args.overlays,
                              device=args.device)
@@ -32,7 +32,7 @@ def _segment(args: argparse.Namespace) -> None:
 
 
 def _submission(args: argparse.Namespace) -> None:
-    from segpc.segpc_format import submission_from_folder
+    from segpc.io.segpc_format import submission_from_folder
 
     submission_from_folder(args.pred, args.out)
     print(f"wrote {args.out}", file=sys.stderr)

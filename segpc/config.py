@@ -43,7 +43,7 @@ class CytoplasmConfig:
 
 @dataclass
 class AggregationConfig:
-    """The cascade (METHOD.md 6) and its documented thresholds; see segpc/aggregate.py."""
+    """The cascade (METHOD.md 6) and its documented thresholds; see segpc/method/aggregate.py."""
 
     windows: dict[float, tuple[float, float]] = field(default_factory=lambda: dict(PAPER_WINDOWS))
     min_score: float = 0.9  # the cascade stops only on a candidate at least this sure

@@ -29,7 +29,7 @@ def s3_server():
 def s3_bucket(s3_server, request):
     """A fresh ``s3://`` prefix per test, in one shared bucket (SeaweedFS gives every bucket
     volumes of its own; one bucket keeps the server small)."""
-    from segpc.storage import filesystem
+    from segpc.io.storage import filesystem
 
     fs, _ = filesystem("s3://segpc-tests")
     if not fs.exists("segpc-tests"):

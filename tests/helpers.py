@@ -8,16 +8,17 @@ import cv2
 import numpy as np
 import torch
 
-from segpc.bundle import new_bundle, save_bundle
+from segpc.models.bundle import new_bundle, save_bundle
 from segpc.config import preset
-from segpc.segpc_format import read_split
-from segpc.imaging import read_image
-from segpc.training import nucleus_arrays, train_epoch
+from segpc.io.segpc_format import read_split
+from segpc.io.imaging import read_image
+from segpc.training.data import nucleus_arrays
+from segpc.training.steps import train_epoch
 
 
 def synthetic_slides(tmp_path_factory, n_images: int, seed: int) -> Path:
     """A synthetic SegPC archive of small (320x240) images in 3 slides."""
-    from segpc.synthetic import write_archive
+    from segpc.io.synthetic import write_archive
 
     root = tmp_path_factory.mktemp(f"archive{n_images}")
     write_archive(root, n_images=n_images, n_slides=3, seed=seed, size="320x240")

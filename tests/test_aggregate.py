@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from segpc.aggregate import Candidate, cytoplasm_ratio, next_scale, select, truncation
+from segpc.method.aggregate import Candidate, cytoplasm_ratio, next_scale, select, truncation
 from segpc.config import AggregationConfig
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from segpc.bundle import load_bundle, new_bundle, read_bundle_meta, save_bundle
+from segpc.models.bundle import load_bundle, new_bundle, read_bundle_meta, save_bundle
 from segpc.config import preset
 from segpc.errors import InputError
 

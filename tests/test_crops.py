@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from segpc.config import PAPER_SCALES
-from segpc.crops import (clip_box, crop_window, extract, fit_to_input, half_up, input_size_for,
+from segpc.method.crops import (clip_box, crop_window, extract, fit_to_input, half_up, input_size_for,
                          mask_box, paste, plan_fit, unfit)
 from segpc.errors import InputError
 

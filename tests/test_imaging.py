@@ -5,7 +5,7 @@ import pytest
 from helpers import bad_files, bomb_bytes, png_bytes
 
 from segpc.errors import InputError
-from segpc.imaging import decode_image
+from segpc.io.imaging import decode_image
 
 
 @pytest.mark.parametrize("name", sorted(bad_files()))

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from segpc.errors import InputError
-from segpc.inputs import MAX_ID_LENGTH, list_inputs, safe_id
+from segpc.io.inputs import MAX_ID_LENGTH, list_inputs, safe_id
 
 SAFE = re.compile(r"^[A-Za-z0-9._-]+$")
 

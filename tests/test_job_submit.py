@@ -8,10 +8,10 @@ from helpers import quick_bundle, slide_layout, upload
 from raycluster import HeadNode
 
 from ray_jobs.common import WORKER_VARS
-from segpc.bundle import load_bundle, save_bundle
-from segpc.outputs import read_table
-from segpc.storage import filesystem
-from segpc.synthetic import write_archive
+from segpc.models.bundle import load_bundle, save_bundle
+from segpc.io.outputs import read_table
+from segpc.io.storage import filesystem
+from segpc.io.synthetic import write_archive
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
 ROOT = Path(__file__).resolve().parents[1]

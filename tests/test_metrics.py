@@ -12,8 +12,9 @@ import pytest
 
 from segpc.__main__ import main
 from segpc.errors import InputError
-from segpc.metrics import (GRID, evaluate, evaluate_folders, iou_matrix, match, official_score,
-                           strict_score, to_grid)
+from segpc.evaluation.metrics import evaluate, iou_matrix, match, official_score, strict_score
+from segpc.io.segpc_format import evaluate_folders
+from segpc.method.instances import GRID, to_grid
 
 KEYS = {"miou", "precision", "recall", "f1", "matched_iou", "n_truth", "n_pred", "n_images"}
 

@@ -71,7 +71,7 @@ def test_unet_and_bad_encoder_names():
 
 
 def test_channels_last_conversion_skips_the_3d_fusion(model):
-    from segpc.runner import to_channels_last
+    from segpc.models.runner import to_channels_last
 
     model.eval()
     x = torch.randn(1, 4, 64, 64)

@@ -3,7 +3,7 @@
 import cv2
 import numpy as np
 
-from segpc.nucleus import clean_mask, nucleus_instances
+from segpc.method.nucleus import clean_mask, nucleus_instances
 
 
 def _disc(shape, centre, r):

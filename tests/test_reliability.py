@@ -23,9 +23,9 @@ from helpers import bomb_bytes, slide_layout, synthetic_slides, upload
 
 from ray_jobs.local_s3 import LocalS3
 from ray_jobs.segment import main as segment_main
-from segpc.inputs import MAX_ID_LENGTH
-from segpc.outputs import done_image_ids, read_table, zarr_store
-from segpc.storage import filesystem
+from segpc.io.inputs import MAX_ID_LENGTH
+from segpc.io.outputs import done_image_ids, read_table, zarr_store
+from segpc.io.storage import filesystem
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
 REPO = Path(__file__).resolve().parents[1]

@@ -14,13 +14,13 @@ import zarr
 from helpers import bad_files, slide_layout, upload
 
 from ray_jobs.segment import main as segment_main
-from segpc.bundle import load_bundle, save_bundle
-from segpc.imaging import read_image
-from segpc.metrics import evaluate_folders
-from segpc.outputs import read_table, unpack_mask, zarr_store
-from segpc.segmenter import Segmenter
-from segpc.segpc_format import write_masks
-from segpc.storage import filesystem
+from segpc.models.bundle import load_bundle, save_bundle
+from segpc.io.imaging import read_image
+from segpc.io.segpc_format import evaluate_folders
+from segpc.io.outputs import read_table, unpack_mask, zarr_store
+from segpc.method.segmenter import Segmenter
+from segpc.io.segpc_format import write_masks
+from segpc.io.storage import filesystem
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
 MAX_PIXELS = "400000"

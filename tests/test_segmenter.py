@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from segpc.__main__ import main
-from segpc.bundle import new_bundle, save_bundle
+from segpc.models.bundle import new_bundle, save_bundle
 from segpc.config import preset
-from segpc.crops import extract, fit_to_input
+from segpc.method.crops import extract, fit_to_input
 from segpc.errors import InputError
-from segpc.segmenter import Segmenter
-from segpc.segpc_format import write_masks
-from segpc.synthetic import make_image
+from segpc.method.segmenter import Segmenter
+from segpc.io.segpc_format import write_masks
+from segpc.io.synthetic import make_image
 
 
 def oracle(image_shape, truth):
@@ -96,7 +96,7 @@ def test_bad_images_are_named():
 
 
 def test_segment_command_on_a_folder(synthetic, tmp_path):
-    from segpc.imaging import write_image
+    from segpc.io.imaging import write_image
 
     save_bundle(new_bundle(preset("tiny")), str(tmp_path / "bundle"))
     folder = tmp_path / "images"

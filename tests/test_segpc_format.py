@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from segpc.errors import InputError
-from segpc.instances import Instance
-from segpc.segpc_format import (find_split, list_image_ids, mask_paths, read_masks, read_split,
+from segpc.method.instances import Instance
+from segpc.io.segpc_format import (find_split, list_image_ids, mask_paths, read_masks, read_split,
                                 read_submission, submission_from_folder, write_masks,
                                 write_submission)
 
@@ -235,7 +235,7 @@ def test_submission_from_folder_and_bad_file(tmp_path):
 
 def test_submission_command(tmp_path):
     from segpc.__main__ import main
-    from segpc.segpc_format import read_submission
+    from segpc.io.segpc_format import read_submission
 
     nuc = np.zeros((1080, 1440), bool)
     nuc[100:110, 200:210] = True

@@ -11,8 +11,8 @@ import pytest
 
 from segpc.__main__ import main
 from segpc.errors import InputError
-from segpc.imaging import read_image
-from segpc.synthetic import make_image, parse_size, write_archive
+from segpc.io.imaging import read_image
+from segpc.io.synthetic import make_image, parse_size, write_archive
 
 
 def _files(root: Path) -> dict[str, bytes]:

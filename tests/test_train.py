@@ -5,10 +5,10 @@ import json
 import pytest
 
 from ray_jobs.train import main as train_main
-from segpc.bundle import read_bundle_meta
-from segpc.imaging import read_image
-from segpc.segmenter import Segmenter
-from segpc.synthetic import write_archive
+from segpc.models.bundle import read_bundle_meta
+from segpc.io.imaging import read_image
+from segpc.method.segmenter import Segmenter
+from segpc.io.synthetic import write_archive
 
 pytestmark = pytest.mark.ray
 

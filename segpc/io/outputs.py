@@ -8,7 +8,7 @@ the done images, so the finished set is complete and duplicate-free.
 
 A part's name is a hash of its images' ids: a batch written again (a Ray task retried after
 its worker died half-way) overwrites its own files instead of adding duplicates. Every
-write retries transient storage failures (:func:`segpc.storage.with_retries`).
+write retries transient storage failures (:func:`segpc.io.storage.with_retries`).
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from segpc.imaging import encode_png
-from segpc.inputs import InputImage
-from segpc.overlay import draw_overlay
-from segpc.segmenter import ImageResult
-from segpc.storage import filesystem, join, storage_options, with_retries
+from segpc.io.imaging import encode_png
+from segpc.io.inputs import InputImage
+from segpc.io.overlay import draw_overlay
+from segpc.method.segmenter import ImageResult
+from segpc.io.storage import filesystem, join, storage_options, with_retries
 
 IMAGES_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("slide_id", pa.string()), ("source_uri", pa.string()),

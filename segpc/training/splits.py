@@ -15,9 +15,9 @@ import tempfile
 from pathlib import Path
 
 from segpc.errors import InputError
-from segpc.imaging import read_image
-from segpc.segpc_format import Sample, find_split, list_image_ids, read_split
-from segpc.storage import filesystem
+from segpc.io.imaging import read_image
+from segpc.io.segpc_format import Sample, find_split, list_image_ids, read_split
+from segpc.io.storage import filesystem
 
 
 def localize(uri: str, cache_dir: str | None = None) -> Path:

@@ -15,10 +15,11 @@ import io
 import re
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 from segpc.errors import InputError
-from segpc.imaging import IMAGE_SUFFIXES
-from segpc.storage import filesystem
+from segpc.io.imaging import IMAGE_SUFFIXES
+from segpc.io.storage import filesystem
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_ID_LENGTH = 120
@@ -45,6 +46,18 @@ def safe_id(relative: str) -> str:
     return safe
 
 
+def image_files(paths: list[str]) -> list[str]:
+    """The image files among ``paths`` (by suffix, any case), in the given order: the one
+    rule every command uses to decide what counts as an input image."""
+    return [p for p in paths if p.lower().endswith(IMAGE_SUFFIXES)]
+
+
+def folder_images(folder: str | Path) -> list[Path]:
+    """The image files directly in a local folder, sorted by name."""
+    folder = Path(folder)
+    return [folder / n for n in image_files(sorted(p.name for p in folder.iterdir() if p.is_file()))]
+
+
 def list_inputs(prefix: str, manifest: str | None = None) -> list[InputImage]:
     """Every image under ``prefix`` in path order, or the images a manifest names."""
     fs, root = filesystem(prefix)
@@ -57,7 +70,7 @@ def list_inputs(prefix: str, manifest: str | None = None) -> list[InputImage]:
         if not fs.exists(root):
             raise InputError(f"{prefix}: input not found")
         everything = sorted(fs.find(root))
-        found = [p for p in everything if p.lower().endswith(IMAGE_SUFFIXES)]
+        found = image_files(everything)
         shards = [p for p in everything if p.lower().endswith(".parquet")]
         if shards and not found:
             return _shard_inputs(fs, root, prefix, shards)

@@ -8,8 +8,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from segpc.outputs import read_table
-from segpc.storage import filesystem, join, with_retries
+from segpc.io.outputs import read_table
+from segpc.io.storage import filesystem, join, with_retries
 
 SLIDE_COLUMNS = ["slide_id", "images", "images_ok", "images_error", "plasma_cells",
                  "mean_cells_per_image", "median_cell_area", "mean_cell_area", "mean_nucleus_area",

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 
 from segpc.errors import InputError
 
 NUCLEUS_VALUE = 40
 CYTOPLASM_VALUE = 20
+GRID = (1080, 1440)  # (H, W) of the official scorer: every mask is judged at this size
+
+
+def to_grid(mask: np.ndarray) -> np.ndarray:
+    """A bool mask at 1080x1440, resized as the official scorer does (cv2 INTER_NEAREST)."""
+    if mask.shape == GRID:
+        return mask.astype(bool)
+    h, w = GRID
+    return cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
 
 
 @dataclass

@@ -20,10 +20,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from segpc.errors import InputError  # noqa: E402
-from segpc.imaging import decode_image, encode_png  # noqa: E402
-from segpc.outputs import read_table, zarr_store  # noqa: E402
-from segpc.overlay import draw_overlay  # noqa: E402
-from segpc.storage import filesystem, join, read_bytes  # noqa: E402
+from segpc.io.imaging import decode_image, encode_png  # noqa: E402
+from segpc.io.outputs import read_table, zarr_store  # noqa: E402
+from segpc.io.overlay import draw_overlay  # noqa: E402
+from segpc.io.storage import filesystem, join, read_bytes  # noqa: E402
 
 BLUE, PURPLE = "#3b6fb6", "#7b3f9e"
 # a picture that fails to load says so in the browser console (and in the report test)

@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
-from segpc.aggregate import Candidate, next_scale, runs_every_scale, select
+from segpc.method.aggregate import Candidate, next_scale, runs_every_scale, select
 from segpc.config import Config
-from segpc.crops import Box, fit_to_input, unfit
-from segpc.cytoplasm import CropInput, candidate_from_probability, crop_input, gather_inputs
+from segpc.method.crops import Box, fit_to_input, unfit
+from segpc.method.cytoplasm import CropInput, candidate_from_probability, crop_input, gather_inputs
 from segpc.errors import InputError
-from segpc.imaging import equalize
-from segpc.instances import Instance
-from segpc.nucleus import nucleus_instances
+from segpc.io.imaging import equalize
+from segpc.method.instances import Instance
+from segpc.method.nucleus import nucleus_instances
 
 # images -> per-image nucleus probability maps at full size
 NucleusFn = Callable[[list[np.ndarray]], list[np.ndarray]]
@@ -157,7 +157,7 @@ def _to_cell(cell_id: int, i: int, cand: Candidate, nuclei: Nuclei, shape: tuple
 def nucleus_fn(bundle, device: str | None = None, batch_size: int = 16,
                amp: bool | None = None) -> NucleusFn:
     """The bundle's U-Net as a :data:`NucleusFn` on ``device`` (CUDA if present by default)."""
-    from segpc.runner import NetworkRunner
+    from segpc.models.runner import NetworkRunner
 
     runner = NetworkRunner(bundle.nucleus, device, batch_size, amp)
     size = bundle.config.nucleus.input_size
@@ -166,7 +166,7 @@ def nucleus_fn(bundle, device: str | None = None, batch_size: int = 16,
 
 def cell_fn(bundle, device: str | None = None, batch_size: int = 16, amp: bool | None = None) -> CellFn:
     """The bundle's loaded cytoplasm networks as one :data:`CellFn`."""
-    from segpc.runner import NetworkRunner
+    from segpc.models.runner import NetworkRunner
 
     runners = {s: NetworkRunner(m, device, batch_size, amp) for s, m in bundle.cytoplasm.items()}
     return lambda scale, crops: runners[scale](gather_inputs(crops))
@@ -182,7 +182,7 @@ class Segmenter:
     @classmethod
     def from_bundle(cls, uri: str, device: str | None = None, batch_size: int = 16,
                     amp: bool | None = None) -> "Segmenter":
-        from segpc.bundle import load_bundle
+        from segpc.models.bundle import load_bundle
 
         bundle = load_bundle(uri, device="cpu")
         return cls(bundle.config, nucleus_fn(bundle, device, batch_size, amp),

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from segpc.config import AggregationConfig
-from segpc.crops import Box
+from segpc.method.crops import Box
 
 
 @dataclass

@@ -7,11 +7,17 @@ must beat every single scale on the strict metric, or the cascade is not worth h
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+
+import numpy as np
 
 from segpc.config import Config
-from segpc.metrics import evaluate
-from segpc.segmenter import Segmenter
-from segpc.segpc_format import Sample
+from segpc.evaluation.metrics import evaluate
+from segpc.io.segpc_format import Sample
+from segpc.method.crops import paste
+from segpc.method.cytoplasm import candidate_from_probability, gather_inputs
+from segpc.method.segmenter import Segmenter, find_nuclei, nucleus_probabilities
+from segpc.training.data import true_nucleus_crops
 
 
 def single_scale(config: Config, scale: float) -> Config:
@@ -50,3 +56,30 @@ def compare_rules(segmenter: Segmenter, samples: list[Sample]) -> dict:
     for mode in ("cascade", "best", "keep-all"):
         variants[mode] = with_mode(cfg, mode)
     return {name: score(segmenter.with_config(c), samples) for name, c in variants.items()}
+
+
+def validate_nucleus(predict: Callable[[np.ndarray], np.ndarray], samples: list[Sample],
+                     config: Config) -> dict:
+    """Nucleus instances (with the full post-processing) against the true nuclei."""
+    truth, pred = {}, {}
+    for s in samples:
+        prob = nucleus_probabilities([s.image], predict, config.nucleus.input_size)[0]
+        nuclei = find_nuclei(prob, config)
+        truth[s.image_id] = [inst.nucleus for inst in s.instances]
+        pred[s.image_id] = [nuclei.labels == i + 1 for i in range(len(nuclei))]
+    return evaluate(truth, pred)
+
+
+def validate_scale(predict: Callable[[np.ndarray], np.ndarray], samples: list[Sample],
+                   scale: float, config: Config) -> dict:
+    """One scale alone, on crops around the true nuclei: its cells against the true cells."""
+    truth, pred = {}, {}
+    for s in samples:
+        crops = [crop for _, crop in true_nucleus_crops(s, scale, config)]
+        probs = predict(gather_inputs(crops)) if crops else []
+        shape = s.image.shape[:2]
+        pred[s.image_id] = [
+            paste(candidate_from_probability(prob, crop, shape, config.cytoplasm, config.aggregation).cell,
+                  crop.window, shape) for crop, prob in zip(crops, probs)]
+        truth[s.image_id] = [inst.cell for inst in s.instances]
+    return evaluate(truth, pred)

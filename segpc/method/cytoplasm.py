@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from segpc.aggregate import Candidate, truncation
+from segpc.method.aggregate import Candidate, truncation
 from segpc.config import AggregationConfig, CytoplasmConfig
-from segpc.crops import Box, Fit, clip_box, crop_window, extract, fit_to_input, input_size_for, unfit
-from segpc.nucleus import clean_mask
+from segpc.method.crops import Box, Fit, clip_box, crop_window, extract, fit_to_input, input_size_for, unfit
+from segpc.method.nucleus import clean_mask
 
 
 @dataclass

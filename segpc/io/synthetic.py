@@ -17,8 +17,9 @@ import cv2
 import numpy as np
 
 from segpc.errors import InputError
-from segpc.imaging import MAX_PIXELS, write_image
-from segpc.instances import Instance
+from segpc.io.imaging import MAX_PIXELS, write_image
+from segpc.method.crops import Box
+from segpc.method.instances import Instance
 
 CAMERAS = {"camera1": (2040, 1536), "camera2": (2560, 1920)}
 # Lognormal components of the cytoplasm/nucleus area ratio: (median, sigma, weight).
@@ -32,7 +33,6 @@ PALETTE = {  # RGB before the per-image stain jitter
     "granulo_cyto": (222, 194, 214), "granulo_nuc": (116, 64, 152),
 }
 Poly = np.ndarray  # (n, 2) float x, y
-Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive), clipped to the image
 
 
 def parse_size(size: str) -> list[tuple[int, int]]:
@@ -116,7 +116,7 @@ def _box(polys: list[Poly], width: int, height: int, margin: int = 2) -> Box:
     pts = np.concatenate(polys)
     x0, y0 = np.floor(pts.min(0)).astype(int) - margin
     x1, y1 = np.ceil(pts.max(0)).astype(int) + margin + 1
-    return max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
+    return max(y0, 0), max(x0, 0), min(y1, height), min(x1, width)
 
 
 def _open3(mask: np.ndarray) -> np.ndarray:
@@ -126,7 +126,7 @@ def _open3(mask: np.ndarray) -> np.ndarray:
 def _raster(polys: list[Poly], box: Box, ss: int = 4) -> np.ndarray:
     """Coverage (0..1) of the union of ``polys`` in ``box``, supersampled ``ss`` times: OpenCV
     fills every pixel an edge touches, which at 1x would bloat small nuclei by ~20% in area."""
-    x0, y0, x1, y1 = box
+    y0, x0, y1, x1 = box
     m = np.zeros((max(y1 - y0, 0) * ss, max(x1 - x0, 0) * ss), np.uint8)
     for p in polys if m.size else ():  # one call each: fillPoly's even-odd rule would punch holes
         layer = np.zeros_like(m)
@@ -146,7 +146,7 @@ def _noise(rng: np.random.Generator, shape: tuple[int, int], feature: float) -> 
 
 
 def _paint(img: np.ndarray, box: Box, cover: np.ndarray, colour: np.ndarray, alpha: float) -> None:
-    x0, y0, x1, y1 = box
+    y0, x0, y1, x1 = box
     region = img[y0:y1, x0:x1]
     region += (alpha * cover)[..., None] * (colour - region)
 
@@ -169,7 +169,7 @@ def _paint_cell(img: np.ndarray, rng: np.random.Generator, box: Box, cell: np.nd
 def _hof(rng: np.random.Generator, nuc: Poly, cell: np.ndarray, box: Box) -> np.ndarray:
     """The pale Golgi zone next to the nucleus, on the side facing the cell's centre."""
     ys, xs = np.nonzero(cell)
-    towards = np.array([xs.mean() + box[0], ys.mean() + box[1]]) - nuc.mean(0)
+    towards = np.array([xs.mean() + box[1], ys.mean() + box[0]]) - nuc.mean(0)
     rn = np.sqrt(_area(nuc) / np.pi)
     at = nuc.mean(0) + towards / (np.linalg.norm(towards) + 1e-6) * rn * 1.3
     blob = _contour(rng, 0.6 * rn, 0.45 * rn, np.arctan2(towards[1], towards[0]) + np.pi / 2) + at
@@ -236,7 +236,7 @@ class _Scene:
         box = _box([cell, *nucs], self.width, self.height, margin=2 + self.gap)
         cm, nm = _raster([cell], box), _raster(nucs, box)
         cb, nb = (cm > 0.5) | (nm > 0.5), nm > 0.5
-        win = np.s_[box[1]:box[3], box[0]:box[2]]
+        win = np.s_[box[0]:box[2], box[1]:box[3]]
         if nb.sum() < 0.5 * sum(map(_area, nucs)) or self.nuclei[win][cb].any():
             return None  # nucleus mostly outside the image, or covering an earlier nucleus
         if (self.blocked if labelled else self.labelled)[win][nb].any():
@@ -254,7 +254,7 @@ class _Scene:
         disc = _contour(rng, rad, rad * rng.uniform(0.85, 1.0), rng.uniform(0, np.pi), 0.03)
         box = _box([disc + at], self.width, self.height)
         cover = _raster([disc + at], box)
-        under = self.nuclei[box[1]:box[3], box[0]:box[2]]
+        under = self.nuclei[box[0]:box[2], box[1]:box[3]]
         if not cover.size or (on_top and under[cover > 0].any()):
             return
         _paint(self.img, box, cover, self.pal["rbc"] * (1 + 0.04 * rng.standard_normal()), alpha)
@@ -328,7 +328,7 @@ def make_image(rng: np.random.Generator, width: int, height: int,
         _paint_cell(scene.img, rng, p.box, p.cell_cover, p.nuc_cover, tint["plasma_cyto"],
                     tint["plasma_nuc"], scene.f, hof=hof, hof_rgb=tint["hof"])
         full = np.zeros((2, height, width), bool)
-        full[:, p.box[1]:p.box[3], p.box[0]:p.box[2]] = p.nucleus, p.cell
+        full[:, p.box[0]:p.box[2], p.box[1]:p.box[3]] = p.nucleus, p.cell
         # Masks are made invariant to the 3x3 opening of the method's post-processing, as
         # smooth hand-drawn outlines are, so a perfect prediction survives it unchanged.
         nucleus = _open3(full[0])

@@ -14,10 +14,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from segpc.errors import InputError
-from segpc.imaging import IMAGE_SUFFIXES, read_image, write_image
-from segpc.overlay import draw_overlay
-from segpc.segmenter import Segmenter
-from segpc.segpc_format import write_masks
+from segpc.io.imaging import IMAGE_SUFFIXES, read_image, write_image
+from segpc.io.inputs import folder_images
+from segpc.io.overlay import draw_overlay
+from segpc.method.segmenter import Segmenter
+from segpc.io.segpc_format import write_masks
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -26,7 +27,7 @@ def list_images(folder: str | Path) -> list[Path]:
     if not root.is_dir():
         raise InputError(f"{root}: no such folder")
     base = root / "x" if (root / "x").is_dir() else root
-    paths = sorted(p for p in base.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = folder_images(base)
     if not paths:
         raise InputError(f"{base}: no images ({', '.join(IMAGE_SUFFIXES)})")
     return paths

@@ -23,13 +23,21 @@ def half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
+def box_or_none(mask: np.ndarray) -> Box | None:
+    """Tight box of a boolean mask, None when it is empty."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
+
+
 def mask_box(mask: np.ndarray) -> Box:
     """Tight box of a non-empty boolean mask."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
+    box = box_or_none(mask)
+    if box is None:
         raise InputError("mask_box: the mask is empty")
-    return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
+    return box
 
 
 def crop_window(box: Box, scale: float) -> Box:

@@ -21,7 +21,7 @@ from segpc import __version__
 from segpc.config import Config
 from segpc.errors import InputError
 from segpc.models import CYTOPLASM_ARCH, NUCLEUS_ARCH, build_cytoplasm_model, build_nucleus_model
-from segpc.storage import filesystem, join
+from segpc.io.storage import filesystem, join
 
 FORMAT = "segpc-bundle"
 FORMAT_VERSION = 1

@@ -12,35 +12,16 @@ NaN in the pure functions and ``null`` in ``evaluate``'s output, which is strict
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping
-from pathlib import Path
 
-import cv2
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from segpc.errors import InputError
-
-GRID = (1080, 1440)  # (H, W) of the official scorer
+from segpc.method.crops import box_or_none
+from segpc.method.instances import to_grid
 
 Masks = Mapping[str, list[np.ndarray]]
-
-
-def to_grid(mask: np.ndarray) -> np.ndarray:
-    """A bool mask at 1080x1440, resized as the official scorer does (cv2 INTER_NEAREST)."""
-    if mask.shape == GRID:
-        return mask.astype(bool)
-    h, w = GRID
-    return cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
-
-
-def _box(m: np.ndarray) -> tuple[int, int, int, int] | None:
-    rows = np.flatnonzero(m.any(1))
-    if rows.size == 0:
-        return None
-    cols = np.flatnonzero(m.any(0))
-    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
 def iou_matrix(truth: list[np.ndarray], pred: list[np.ndarray]) -> np.ndarray:
@@ -57,15 +38,15 @@ def iou_matrix(truth: list[np.ndarray], pred: list[np.ndarray]) -> np.ndarray:
         raise InputError(f"iou_matrix: masks of different shapes {sorted(shapes)}")
     truth = [m.astype(bool, copy=False) for m in truth]
     pred = [m.astype(bool, copy=False) for m in pred]
-    tb, pb = [_box(m) for m in truth], [_box(m) for m in pred]
-    area = lambda m, b: 0 if b is None else int(np.count_nonzero(m[b[0]:b[1], b[2]:b[3]]))
+    tb, pb = [box_or_none(m) for m in truth], [box_or_none(m) for m in pred]
+    area = lambda m, b: 0 if b is None else int(np.count_nonzero(m[b[0]:b[2], b[1]:b[3]]))
     ta = [area(m, b) for m, b in zip(truth, tb)]
     pa = [area(m, b) for m, b in zip(pred, pb)]
     for i, (t, b) in enumerate(zip(truth, tb)):
         for j, (p, c) in enumerate(zip(pred, pb)):
             if b is None or c is None:
                 continue
-            r0, r1, c0, c1 = max(b[0], c[0]), min(b[1], c[1]), max(b[2], c[2]), min(b[3], c[3])
+            r0, c0, r1, c1 = max(b[0], c[0]), max(b[1], c[1]), min(b[2], c[2]), min(b[3], c[3])
             inter = 0
             if r0 < r1 and c0 < c1:
                 inter = int(np.count_nonzero(t[r0:r1, c0:c1] & p[r0:r1, c0:c1]))
@@ -181,52 +162,3 @@ def evaluate(truth: Masks, pred: Masks, iou_threshold: float = 0.5) -> dict:
     """
     ious, other = _all_ious(truth, pred)
     return summarize(ious, iou_threshold, other)
-
-
-def _is_split_root(d: Path) -> bool:
-    return (d / "x").is_dir() or any((c / "x").is_dir() for c in d.iterdir() if c.is_dir())
-
-
-def _truth_cells(truth_dir: Path):
-    """(image_id, cells) per truth image: a split's x/ decides the image set when given."""
-    from segpc.segpc_format import find_split, index_masks, read_mask_files, read_split
-
-    if _is_split_root(truth_dir):
-        if find_split(truth_dir)[1] is None:
-            raise InputError(f"{truth_dir}: split has no y/ masks (a test split cannot be scored)")
-        for s in read_split(truth_dir):
-            yield s.image_id, [inst.cell for inst in s.instances]
-        return
-    index = index_masks(truth_dir)
-    if not index:
-        raise InputError(f"{truth_dir}: no <id>_<k> mask files and no x/ folder of a SegPC split")
-    for image_id in sorted(index):
-        yield image_id, [inst.cell for inst in read_mask_files(index[image_id])]
-
-
-def evaluate_folders(truth_dir: str | Path, pred_dir: str | Path, iou_threshold: float = 0.5) -> dict:
-    """``evaluate`` on folders of ``<id>_<k>.bmp`` masks, one image in memory at a time.
-
-    ``truth_dir`` is a SegPC split root (every image of x/ counts, masks or not) or a plain
-    mask folder (only ids with masks exist). Predictions for ids outside the truth are left
-    out of the score and counted in ``n_pred_unknown_images`` (with a warning): they usually
-    mean the wrong folder, and a plain truth folder cannot say which images have no cells.
-    """
-    from segpc.segpc_format import index_masks, read_mask_files
-
-    truth_dir, pred_dir = Path(truth_dir), Path(pred_dir)
-    for name, d in (("truth", truth_dir), ("prediction", pred_dir)):
-        if not d.is_dir():
-            raise InputError(f"{d}: {name} folder does not exist or is not a folder")
-    pred_index = index_masks(pred_dir)
-    ious: dict[str, np.ndarray] = {}
-    for image_id, cells in _truth_cells(truth_dir):
-        preds = [inst.cell for inst in read_mask_files(pred_index.get(image_id, {}))]
-        ious[image_id] = image_ious(cells, preds)
-    if not sum(m.shape[0] for m in ious.values()):
-        raise InputError(f"{truth_dir}: no truth cells; the official metric is undefined")
-    unknown = sorted(set(pred_index) - set(ious))
-    if unknown:
-        warnings.warn(f"{pred_dir}: {len(unknown)} predicted image id(s) not in {truth_dir}, "
-                      "left out of the score: " + ", ".join(unknown[:5]), stacklevel=2)
-    return {**summarize(ious, iou_threshold), "n_pred_unknown_images": len(unknown)}

@@ -16,9 +16,9 @@ import cv2
 import numpy as np
 
 from segpc.errors import InputError
-from segpc.imaging import IMAGE_SUFFIXES, decode_image, image_size
-from segpc.instances import Instance
-from segpc.metrics import GRID, to_grid
+from segpc.io.imaging import IMAGE_SUFFIXES, decode_image, image_size
+from segpc.io.inputs import folder_images
+from segpc.method.instances import GRID, Instance, to_grid
 _HEADER_BYTES = 1 << 20  # enough for any image header; the full file is read only if not
 
 
@@ -72,17 +72,12 @@ def find_split(root: str | Path) -> tuple[Path, Path | None]:
     return x_dir, (found[0] if found else None)
 
 
-def _is_image(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-
-
 def _index_images(x_dir: Path) -> dict[str, Path]:
     index: dict[str, Path] = {}
-    for p in sorted(x_dir.iterdir()):
-        if _is_image(p):
-            if p.stem in index:
-                raise InputError(f"{x_dir}: image id {p.stem!r} twice ({index[p.stem].name}, {p.name})")
-            index[p.stem] = p
+    for p in folder_images(x_dir):
+        if p.stem in index:
+            raise InputError(f"{x_dir}: image id {p.stem!r} twice ({index[p.stem].name}, {p.name})")
+        index[p.stem] = p
     return index
 
 
@@ -104,9 +99,7 @@ def index_masks(y_dir: str | Path) -> dict[str, dict[int, Path]]:
         raise InputError(f"{y_dir}: mask folder does not exist or is not a folder")
     index: dict[str, dict[int, Path]] = {}
     skipped = []
-    for p in sorted(y_dir.iterdir()):
-        if not _is_image(p):
-            continue
+    for p in folder_images(y_dir):
         parsed = _parse_mask_name(p)
         if parsed is None:
             skipped.append(p.name)
@@ -386,3 +379,53 @@ def submission_from_folder(pred_dir: str | Path, path: str | Path,
     index = index_masks(pred_dir)
     ids = sorted(set(index) | set(image_ids or ()))
     write_submission(path, ((i, read_mask_files(index.get(i, {}))) for i in ids))
+
+
+# --------------------------------------------------------------------------- scoring folders
+
+
+def _is_split_root(d: Path) -> bool:
+    return (d / "x").is_dir() or any((c / "x").is_dir() for c in d.iterdir() if c.is_dir())
+
+
+def _truth_cells(truth_dir: Path):
+    """(image_id, cells) per truth image: a split's x/ decides the image set when given."""
+    if _is_split_root(truth_dir):
+        if find_split(truth_dir)[1] is None:
+            raise InputError(f"{truth_dir}: split has no y/ masks (a test split cannot be scored)")
+        for s in read_split(truth_dir):
+            yield s.image_id, [inst.cell for inst in s.instances]
+        return
+    index = index_masks(truth_dir)
+    if not index:
+        raise InputError(f"{truth_dir}: no <id>_<k> mask files and no x/ folder of a SegPC split")
+    for image_id in sorted(index):
+        yield image_id, [inst.cell for inst in read_mask_files(index[image_id])]
+
+
+def evaluate_folders(truth_dir: str | Path, pred_dir: str | Path, iou_threshold: float = 0.5) -> dict:
+    """``evaluate`` on folders of ``<id>_<k>.bmp`` masks, one image in memory at a time.
+
+    ``truth_dir`` is a SegPC split root (every image of x/ counts, masks or not) or a plain
+    mask folder (only ids with masks exist). Predictions for ids outside the truth are left
+    out of the score and counted in ``n_pred_unknown_images`` (with a warning): they usually
+    mean the wrong folder, and a plain truth folder cannot say which images have no cells.
+    """
+    from segpc.evaluation.metrics import image_ious, summarize
+
+    truth_dir, pred_dir = Path(truth_dir), Path(pred_dir)
+    for name, d in (("truth", truth_dir), ("prediction", pred_dir)):
+        if not d.is_dir():
+            raise InputError(f"{d}: {name} folder does not exist or is not a folder")
+    pred_index = index_masks(pred_dir)
+    ious: dict[str, np.ndarray] = {}
+    for image_id, cells in _truth_cells(truth_dir):
+        preds = [inst.cell for inst in read_mask_files(pred_index.get(image_id, {}))]
+        ious[image_id] = image_ious(cells, preds)
+    if not sum(m.shape[0] for m in ious.values()):
+        raise InputError(f"{truth_dir}: no truth cells; the official metric is undefined")
+    unknown = sorted(set(pred_index) - set(ious))
+    if unknown:
+        warnings.warn(f"{pred_dir}: {len(unknown)} predicted image id(s) not in {truth_dir}, "
+                      "left out of the score: " + ", ".join(unknown[:5]), stacklevel=2)
+    return {**summarize(ious, iou_threshold), "n_pred_unknown_images": len(unknown)}

@@ -1,0 +1,1 @@
+"""Judging results: the official and strict metrics, rule comparisons, the report."""

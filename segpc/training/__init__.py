@@ -1,0 +1,1 @@
+"""Training: data splits, per-step logic and checkpoints (no Ray in here)."""
