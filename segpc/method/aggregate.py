@@ -58,6 +58,16 @@ class Candidate:
     def ratio(self) -> float:
         return cytoplasm_ratio(self.cell_area, self.nucleus_area)
 
+    def window_mask(self) -> np.ndarray:
+        """The cell as a bool mask of the crop window (h, w), nucleus included."""
+        return self.cell
+
+    def full_mask(self, shape: tuple[int, int]) -> np.ndarray:
+        """The cell as a bool mask of the whole image."""
+        from segpc.method.crops import paste
+
+        return paste(self.window_mask(), self.window, shape)
+
 
 def cytoplasm_ratio(cell_area: int, nucleus_area: int) -> float:
     """Cytoplasm area over nucleus area; the nucleus is part of the cell."""
