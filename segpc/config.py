@@ -49,6 +49,9 @@ class AggregationConfig:
     min_score: float = 0.9  # the cascade stops only on a candidate at least this sure
     touch_fraction: float = 0.02  # of the crop's in-image edge length
     leap_fraction: float = 0.1  # a cell covering this much of the crop edge skips a scale
+    # a kept cell must be at least this sure in both stages (0 = keep all; set by calibration)
+    min_nucleus_score: float = 0.0
+    min_cell_score: float = 0.0
     mode: str = "cascade"  # "best" (every scale, best kept) or "keep-all" (published submission)
 
 

@@ -139,6 +139,12 @@ def select(candidates: list[Candidate], cfg: AggregationConfig) -> list[Candidat
     return [max(candidates, key=lambda c: (plausible(c, cfg), not c.truncated, c.score))]
 
 
+def confident(c: Candidate, nucleus_score: float, cfg: AggregationConfig) -> bool:
+    """Whether a selected cell is sure enough, in both stages, to be counted as a plasma cell:
+    the rejection step that keeps other nuclei and fragments out of the counts."""
+    return nucleus_score >= cfg.min_nucleus_score and c.score >= cfg.min_cell_score
+
+
 def runs_every_scale(cfg: AggregationConfig) -> bool:
     """Whether every nucleus goes through every scale (all modes but the cascade)."""
     return cfg.mode != "cascade"

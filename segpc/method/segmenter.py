@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
-from segpc.method.aggregate import Candidate, next_scale, runs_every_scale, select
+from segpc.method.aggregate import Candidate, confident, next_scale, runs_every_scale, select
 from segpc.config import Config
 from segpc.method.crops import Box, fit_to_input, unfit
 from segpc.method.cytoplasm import CropInput, candidate_from_probability, crop_input, gather_inputs
@@ -138,7 +138,8 @@ def assemble(shape: tuple[int, int], nuclei: Nuclei, candidates: dict[int, list[
     cells: list[Cell] = []
     for i in range(len(nuclei)):
         for cand in select(sorted(candidates.get(i, []), key=lambda c: c.scale), config.aggregation):
-            cells.append(_to_cell(len(cells) + 1, i, cand, nuclei, shape))
+            if confident(cand, nuclei.scores[i], config.aggregation):
+                cells.append(_to_cell(len(cells) + 1, i, cand, nuclei, shape))
     return cells
 
 
