@@ -86,6 +86,25 @@ def test_bad_bundle_json_is_refused(tiny_bundle, tmp_path, edit, message):
         load_bundle(str(tmp_path))
 
 
+def test_version_1_bundles_are_refused_with_the_reason(tiny_bundle, tmp_path):
+    save_bundle(tiny_bundle, str(tmp_path))
+    meta = json.loads((tmp_path / "bundle.json").read_text())
+    meta["format_version"] = 1
+    (tmp_path / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match=r"version 1 .*earlier, lighter Attention DeepLabv3\+.*retrain"):
+        load_bundle(str(tmp_path))
+
+
+def test_input_normalisation_travels_with_the_bundle(tmp_path):
+    torch.manual_seed(0)
+    bundle = new_bundle(preset("tiny"))
+    bundle.cytoplasm[0.5].normalize.set((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    save_bundle(bundle, str(tmp_path))
+    loaded = load_bundle(str(tmp_path), scales=[0.5, 1.75], nucleus=False)
+    assert loaded.cytoplasm[0.5].normalize.std.flatten().tolist() == [0.25, 0.25, 0.25, 1.0]
+    assert loaded.cytoplasm[1.75].normalize.std.flatten().tolist()[:3] != [0.25, 0.25, 0.25]
+
+
 def test_missing_files_and_folders(tiny_bundle, tmp_path):
     with pytest.raises(InputError, match="no bundle.json"):
         load_bundle(str(tmp_path / "nowhere"))

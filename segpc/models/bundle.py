@@ -24,7 +24,12 @@ from segpc.models import CYTOPLASM_ARCH, NUCLEUS_ARCH, build_cytoplasm_model, bu
 from segpc.io.storage import filesystem, join
 
 FORMAT = "segpc-bundle"
-FORMAT_VERSION = 1
+# 2: the published Attention DeepLabv3+ (per-branch refinement, 3-layer SE, post-fusion convs)
+# and input normalisation inside both networks. Version-1 weights fit neither.
+FORMAT_VERSION = 2
+OUTDATED = {1: "it was trained with the earlier, lighter Attention DeepLabv3+ (and without input "
+               "normalisation inside the networks), whose weights do not fit this version; "
+               "retrain it with this version of segpc"}
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin")
 
 
@@ -86,8 +91,12 @@ def read_bundle_meta(uri: str) -> dict:
         raise InputError(f"{uri}/bundle.json: invalid JSON ({exc})") from None
     if meta.get("format") != FORMAT:
         raise InputError(f"{uri}/bundle.json: not a {FORMAT} file")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise InputError(f"{uri}: bundle format version {meta.get('format_version')} is not "
+    version = meta.get("format_version")
+    if isinstance(version, int) and version in OUTDATED:
+        raise InputError(f"{uri}: bundle format version {version} is no longer supported: "
+                         f"{OUTDATED[version]}")
+    if version != FORMAT_VERSION:
+        raise InputError(f"{uri}: bundle format version {version} is not "
                          f"supported (this segpc reads version {FORMAT_VERSION})")
     return meta
 
