@@ -37,9 +37,9 @@ from segpc.io.imaging import read_image, write_image  # noqa: E402
 from segpc.io.inputs import InputImage  # noqa: E402
 from segpc.io.outputs import ImageRecord, OutputWriter  # noqa: E402
 from segpc.io.synthetic import make_image, write_archive  # noqa: E402
-from segpc.method import segmenter as sg  # noqa: E402
+from segpc.method import steps  # noqa: E402
 from segpc.method.crops import extract, fit_to_input  # noqa: E402
-from segpc.method.cytoplasm import candidate_from_probability, crop_input, gather_inputs  # noqa: E402
+from segpc.method.cytoplasm import gather_inputs  # noqa: E402
 from segpc.models.bundle import load_bundle, new_bundle  # noqa: E402
 from segpc.models.runner import NetworkRunner  # noqa: E402
 
@@ -63,8 +63,7 @@ def oracle_nets(bundle, clock: Clock):
     """Nucleus and cell callables: the real networks run (timed), the truth comes out."""
     unet = NetworkRunner(bundle.nucleus, "cpu", 8)
     cells = {s: NetworkRunner(m, "cpu", 32) for s, m in bundle.cytoplasm.items()}
-    size = bundle.config.nucleus.input_size
-    current: list = []  # (shape, truth) of the images of the batch being run
+    current: list = []  # (shape, truth) of the image being run
 
     def nucleus_net(x: np.ndarray) -> np.ndarray:
         clock("nucleus network", unet, x)
@@ -73,20 +72,21 @@ def oracle_nets(bundle, clock: Clock):
             union = np.zeros(shape, np.float32)
             for t in truth:
                 union[t.nucleus] = 1.0
-            out.append(fit_to_input(union, size)[0])
+            out.append(fit_to_input(union, x.shape[1])[0])
         return np.stack(out)
 
-    def cell_fn(scale: float, crops: list, images_truth: list) -> np.ndarray:
+    def cell_net(scale: float, crops: list) -> np.ndarray:
         clock("cytoplasm networks", cells[scale], gather_inputs(crops))
+        truth = current[0][1]
         out = []
-        for crop, truth in zip(crops, images_truth):
+        for crop in crops:
             overlap = [extract(t.nucleus, crop.window)[crop.nucleus].sum() for t in truth] or [0]
             cell = extract(truth[int(np.argmax(overlap))].cell, crop.window).astype(np.float32) \
                 if truth else np.zeros(crop.nucleus.shape, np.float32)
             out.append(fit_to_input(cell, crop.fit.size)[0])
         return np.stack(out)
 
-    return nucleus_net, cell_fn, current
+    return nucleus_net, cell_net, current
 
 
 def single_process_by_step(paths: list[Path], truths: list[list], bundle, oracle: bool,
@@ -101,7 +101,7 @@ def single_process_by_step(paths: list[Path], truths: list[list], bundle, oracle
         unet = NetworkRunner(bundle.nucleus, "cpu", 8)
         cells = {s: NetworkRunner(m, "cpu", 32) for s, m in bundle.cytoplasm.items()}
         nucleus_net = lambda x: clock("nucleus network", unet, x)  # noqa: E731
-        cell_net = lambda scale, crops, _t: clock("cytoplasm networks", cells[scale], gather_inputs(crops))  # noqa: E731
+        cell_net = lambda scale, crops: clock("cytoplasm networks", cells[scale], gather_inputs(crops))  # noqa: E731
         current = []
     writer = OutputWriter(out)
     counts = {"images": 0, "nuclei": 0, "cells": 0, "inferences": 0}
@@ -112,32 +112,21 @@ def single_process_by_step(paths: list[Path], truths: list[list], bundle, oracle
             counts = dict.fromkeys(counts, 0)
         image = clock("decode", read_image, path)
         current[:] = [(image.shape[:2], truth)]
-        x, fits = clock("stage 1: fit input", sg.nucleus_inputs, [image], cfg.nucleus.input_size)
-        prob = nucleus_net(x)[0]
-        full = clock("stage 1: resize back", sg.unfit, prob, fits[0])
-        nuclei = clock("stage 1: post-processing", sg.find_nuclei, full, cfg)
-        state = sg.ImageState(image, image, nuclei)
+        state = clock("stage 1: fit input", steps.prepare, image, cfg)
+        steps.run_nucleus([state], nucleus_net)
+        clock("stage 1: instances + first crops", steps.find, state, cfg)
         for scale in cfg.cytoplasm.scales:
-            todo = sg.pending(state, scale, cfg)
-            if not todo:
-                continue
-            crops = clock("crops", lambda: [crop_input(image, nuclei.labels, i + 1, nuclei.boxes[i], scale,
-                                                       cfg.cytoplasm) for i in todo])
-            probs = cell_net(scale, crops, [truth] * len(crops))
-            for i, crop, p in zip(todo, crops, probs):
-                cand = clock("candidates", candidate_from_probability, p, crop, image.shape[:2],
-                             cfg.cytoplasm, cfg.aggregation)
-                state.candidates.setdefault(i, []).append(cand)
-            state.inferences[scale] = len(todo)
-        result = clock("aggregation", sg.finish, state, cfg)
+            steps.run_cells([state], scale, cell_net)
+            clock("candidates + next crops", steps.take_candidates, state, scale, cfg)
+        result = clock("aggregation", steps.finish, state, cfg)
         clock("label maps", result.label_maps)  # the writer builds them again: timed apart
         record = ImageRecord(InputImage(str(path), f"img{n}", "S01"), "ok", "", image.shape[1],
                              image.shape[0], 0.0, result)
         clock("writes", writer.write, [record])
         counts["images"] += 1
-        counts["nuclei"] += len(nuclei)
+        counts["nuclei"] += result.n_nuclei
         counts["cells"] += len(result.cells)
-        counts["inferences"] += sum(state.inferences.values())
+        counts["inferences"] += sum(result.inferences.values())
     return dict(clock.s), counts
 
 

@@ -7,10 +7,12 @@
 Parquet shards with the image bytes in a column (--image-column) beside image_id and,
 optionally, slide_id.
 
-Pipeline (streaming, no all-to-all step): list inputs on the driver -> read + decode + validate
-(CPU tasks) -> nucleus U-Net (actor pool) -> one Attention DeepLabv3+ actor pool per scale,
-each running only the nuclei that the cascade still sends to it -> aggregate, label masks
-and writes (CPU tasks). Each image's crops travel with its own row.
+Pipeline (streaming, no all-to-all step): list inputs on the driver -> read + decode +
+validate + fit the U-Net's input (CPU tasks) -> then, on GPU clusters, network-only actors
+with CPU stages between them: nucleus U-Net (GPU) -> nucleus instances and first crops (CPU)
+-> per scale: its Attention DeepLabv3+ (GPU) -> candidates and the crops the cascade needs
+next (CPU) -> aggregation, label masks and writes (CPU actors). On CPU-only clusters one
+actor pool runs every step of an image (--fuse). Each image's crops travel with its row.
 """
 
 from __future__ import annotations
@@ -19,21 +21,13 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
-from ray_jobs.faults import maybe_die
+from ray_jobs.plan import Plan, plan_resources
+from ray_jobs.stages import GPUUnavailable, object_column
 from segpc.errors import InputError, exit_status
 from segpc.io.storage import StorageUnavailable
-
-
-@dataclass
-class Work:
-    """The heavy part of a row, carried as one Python object between stages."""
-
-    image: np.ndarray | None = None
-    state: object | None = None  # segpc.method.segmenter.ImageState once stage 1 ran
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,18 +47,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-all", action="store_true",
                    help="same as --rule keep-all: every plausible candidate (published challenge mode)")
     p.add_argument("--resume", action="store_true", help="skip images already in images/")
-    p.add_argument("--batch-size", type=int, default=None, help="images per model batch (default 8 CPU, 16 GPU)")
-    p.add_argument("--nucleus-actors", type=int, default=None, help="nucleus pool size (default: 1 per GPU, else 1)")
-    p.add_argument("--cytoplasm-actors", type=int, default=None, help="pool size per scale (default: as nucleus)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per model batch (default 4 CPU, 16 GPU)")
+    p.add_argument("--nucleus-actors", type=int, default=None,
+                   help="U-Net actors (default: 1 per GPU); with --fuse: actors running every step "
+                        "(default: 1 per CPU)")
+    p.add_argument("--cytoplasm-actors", type=int, default=None, help="actors per scale (default: 1 per GPU)")
+    p.add_argument("--write-actors", type=int, default=None,
+                   help="aggregation and write actors (default: 1 per 8 CPUs, at least 1 per GPU)")
     p.add_argument("--gpus", type=float, default=None,
                    help="GPUs to plan for (default: the cluster's; set it on an autoscaling cluster)")
+    p.add_argument("--cpus-per-gpu", type=float, default=None,
+                   help="CPUs each planned GPU brings, for GPUs not up yet (default: as the GPU nodes "
+                        "up now, else 8)")
     p.add_argument("--nucleus-gpu", type=float, default=0.5, help="GPU fraction per nucleus actor")
     p.add_argument("--cytoplasm-gpu", type=float, default=None,
                    help="GPU fraction per cytoplasm actor (default: the rest of a GPU shared by the scales)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per CPU actor")
-    p.add_argument("--fuse-scales", action=argparse.BooleanOptionalAction, default=None,
-                   help="one actor pool for all scales instead of one per scale "
-                        "(default: fused without GPUs, per scale with GPUs)")
+    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
+                   help="every step of an image in one CPU actor (default without GPUs) instead of "
+                        "network-only actors with CPU stages between them (default with GPUs)")
     p.add_argument("--max-pixels", type=int, default=None, help="refuse larger images (default 50 MP)")
     p.add_argument("--progress-every", type=int, default=50, help="a progress line every N images")
     p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint (else AWS_ENDPOINT_URL)")
@@ -81,30 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# ----------------------------------------------------------------------------- stages
-
-
-def read_decode(batch: dict, max_pixels: int) -> dict:
-    """CPU task: fetch (with retries) and decode each image; failures become error rows."""
-    from segpc.io.imaging import MAX_PIXELS, decode_image
-    from segpc.io.storage import read_bytes
-
-    n = len(batch["uri"])
-    shard_bytes = batch.pop("data", None)  # rows of Parquet shards bring their bytes along
-    status, error, width, height, seconds, work = [], [], [], [], [], []
-    for i in range(n):
-        t0 = time.perf_counter()
-        try:
-            data = shard_bytes[i] if shard_bytes is not None else read_bytes(batch["uri"][i])
-            image = decode_image(data, batch["uri"][i], max_pixels or MAX_PIXELS)
-            status.append("ok"), error.append(""), width.append(image.shape[1]), height.append(image.shape[0])
-            work.append(Work(image=image))
-        except (InputError, OSError) as exc:  # StorageUnavailable is neither: it stops the job
-            status.append("error"), error.append(str(exc)), width.append(0), height.append(0)
-            work.append(Work())
-        seconds.append(time.perf_counter() - t0)
-    return {**batch, "status": np.array(status), "error": np.array(error), "width": np.array(width),
-            "height": np.array(height), "seconds": np.array(seconds), "work": _objects(work)}
+# ----------------------------------------------------------------------------- pipeline
 
 
 def shard_rows(batch: dict, slides: dict, todo: set, image_column: str, scheme: str) -> dict:
@@ -116,157 +94,9 @@ def shard_rows(batch: dict, slides: dict, todo: set, image_column: str, scheme: 
     ids = [ids_all[i] for i in keep]
     return {"uri": np.array([f"{scheme}{batch['path'][i]}#{batch['image_id'][i]}" for i in keep], dtype=object),
             "image_id": np.array(ids, dtype=object), "slide_id": np.array([slides[i] for i in ids], dtype=object),
-            "data": _objects([batch[image_column][i] for i in keep])}
+            "data": object_column([batch[image_column][i] for i in keep])}
 
 
-def _objects(items: list) -> np.ndarray:
-    out = np.empty(len(items), dtype=object)
-    out[:] = items
-    return out
-
-
-class _Stage:
-    """Shared actor set-up: one bundle load per actor, explicit threads, the job's rule."""
-
-    def _setup(self, bundle_uri: str, threads: int, rule: str, scales: list[float], nucleus: bool):
-        import torch
-
-        from segpc.models.bundle import load_bundle
-
-        torch.set_num_threads(max(1, threads))
-        self.bundle = load_bundle(bundle_uri, device="cpu", scales=scales, nucleus=nucleus)
-        self.config = self.bundle.config
-        self.config.aggregation.mode = rule
-
-
-class NucleusStage(_Stage):
-    def __init__(self, bundle_uri: str, threads: int, rule: str, batch_size: int):
-        from segpc.method.segmenter import nucleus_fn
-
-        self._setup(bundle_uri, threads, rule, [], True)
-        self.fn = nucleus_fn(self.bundle, None, batch_size)
-
-    def __call__(self, batch: dict) -> dict:
-        from segpc.method.segmenter import detect
-
-        maybe_die("nucleus")
-        t0 = time.perf_counter()
-        rows = [i for i, w in enumerate(batch["work"]) if w.image is not None]
-        for i, st in zip(rows, detect([batch["work"][i].image for i in rows], self.fn, self.config)):
-            batch["work"][i].state = st
-        _charge(batch, rows, time.perf_counter() - t0)
-        return batch
-
-
-class ScaleStage(_Stage):
-    """One pool per scale (``scales`` = [s]); or, with ``--fuse-scales``, one pool that runs
-    the whole cascade (``scales`` = all): on CPUs that saves three model loads and three
-    hand-overs of every row, and the cascade still skips the scales a nucleus does not need."""
-
-    def __init__(self, bundle_uri: str, scales: list[float], threads: int, rule: str, batch_size: int):
-        from segpc.method.segmenter import cell_fn
-
-        self._setup(bundle_uri, threads, rule, scales, False)
-        self.scales = scales
-        self.fn = cell_fn(self.bundle, None, batch_size)
-
-    def __call__(self, batch: dict) -> dict:
-        from segpc.method.segmenter import run_scale
-
-        maybe_die("cytoplasm")
-        t0 = time.perf_counter()
-        rows = [i for i, w in enumerate(batch["work"]) if w.state is not None]
-        for scale in self.scales:
-            run_scale([batch["work"][i].state for i in rows], scale, self.fn, self.config)
-        _charge(batch, rows, time.perf_counter() - t0)
-        return batch
-
-
-def _charge(batch: dict, rows: list[int], seconds: float) -> None:
-    """Spread a batch's stage time over its images (the per-image ``seconds`` column)."""
-    if rows:
-        batch["seconds"] = batch["seconds"].astype(float)
-        batch["seconds"][rows] += seconds / len(rows)
-
-
-class Finalize:
-    """CPU stage: aggregation, label masks and all writes of a batch (images/ part last)."""
-
-    def __init__(self, config: dict, output: str, segpc_masks: bool, overlays: bool, rule: str):
-        # The bundle's config comes from the driver: this actor needs no torch, so it starts
-        # in a fraction of the time the model actors take, while they are starting too.
-        from segpc.config import Config
-        from segpc.io.outputs import OutputWriter
-
-        self.config = Config.from_dict(config)
-        self.config.aggregation.mode = rule
-        self.writer = OutputWriter(output, segpc_masks, overlays)
-        self.overlays = overlays
-
-    def __call__(self, batch: dict) -> dict:
-        from segpc.io.inputs import InputImage
-        from segpc.io.outputs import SUMMARY_COLUMNS, ImageRecord
-        from segpc.method.segmenter import finish
-
-        records = []
-        for i, w in enumerate(batch["work"]):
-            t0 = time.perf_counter()
-            result = finish(w.state, self.config) if w.state is not None else None
-            records.append(ImageRecord(
-                InputImage(batch["uri"][i], batch["image_id"][i], batch["slide_id"][i]),
-                batch["status"][i], batch["error"][i], int(batch["width"][i]), int(batch["height"][i]),
-                float(batch["seconds"][i]) + time.perf_counter() - t0, result,
-                w.image if self.overlays else None))
-        rows = self.writer.write(records)  # [] for an empty batch (all rows filtered on resume)
-        maybe_die("write")  # the worst moment: written, but Ray has not heard back
-        return {k: np.array([r[k] if r[k] is not None else "" for r in rows], dtype=object if k != "n_cells" else int)
-                for k in SUMMARY_COLUMNS}
-
-
-# ----------------------------------------------------------------------------- driver
-
-
-@dataclass
-class Plan:
-    """Pool sizes and per-actor resources, from the flags and the cluster."""
-
-    nucleus_actors: int
-    cytoplasm_actors: int
-    nucleus_gpu: float
-    cytoplasm_gpu: float
-    actor_cpus: float
-    threads: int
-    batch_size: int
-    fuse_scales: bool
-    read_tasks: int  # concurrent read + decode tasks
-
-
-def plan_resources(args: argparse.Namespace, cluster: dict, n_scales: int) -> Plan:
-    """GPU cluster: per GPU, one nucleus actor (half a GPU) and one actor per scale sharing
-    the other half. CPU only: the scales share one pool (``--fuse-scales``), every actor gets
-    a fraction of the CPUs, leaving at least one whole CPU for the read and write tasks, so
-    small machines never deadlock, and torch threads are split between the actors."""
-    gpus = cluster.get("GPU", 0) if args.gpus is None else args.gpus
-    cpus = cluster.get("CPU", 1)
-    n_nuc = args.nucleus_actors or max(1, int(gpus))
-    n_cyt = args.cytoplasm_actors or n_nuc
-    fuse = args.fuse_scales if args.fuse_scales is not None else gpus == 0
-    # Read tasks wait on storage, not the CPU, so one per CPU is plenty; more only start
-    # more worker processes, which on a small machine slows the actors' start-up.
-    reads = max(2, int(cpus))
-    if gpus > 0:
-        cyt_gpu = args.cytoplasm_gpu if args.cytoplasm_gpu is not None else \
-            (1 - args.nucleus_gpu) / (1 if fuse else n_scales)
-        return Plan(n_nuc, n_cyt, args.nucleus_gpu, cyt_gpu, 1.0, args.threads or 2, args.batch_size or 16, fuse, reads)
-    actors = n_nuc + n_cyt * (1 if fuse else n_scales)
-    # Keep a whole CPU (or a quarter of a big node) free for reading, listing and writing:
-    # some of Ray Data's own tasks ask for one full CPU.
-    free = max(1.0, cpus * 0.25) + 0.25
-    actor_cpus = max(0.05, round((cpus - free) / actors, 3))
-    # the stages run at once, so their torch threads share the cores (oversubscribing them
-    # cost 20% on 2 cores)
-    threads = args.threads or max(1, int(cpus // actors))
-    return Plan(n_nuc, n_cyt, 0.0, 0.0, actor_cpus, threads, args.batch_size or 8, fuse, reads)
 
 
 def build_pipeline(items: list, args: argparse.Namespace, plan: Plan, config):
@@ -274,11 +104,13 @@ def build_pipeline(items: list, args: argparse.Namespace, plan: Plan, config):
     import ray
 
     from ray_jobs.common import worker_runtime_env
+    from ray_jobs.stages import CellNet, Finalize, NucleusNet, Segment, find_nuclei, read_decode, take_candidates
 
-    rule, scales = args.rule, list(config.cytoplasm.scales)
+    rule, scales, cfg = args.rule, list(config.cytoplasm.scales), config.to_dict()
     # a storage outage raised in a stage reaches the driver as itself (run() explains it)
     ray.data.DataContext.get_current().raise_original_map_exception = True
     env = worker_runtime_env() or None
+    common = {"batch_size": plan.batch_size, "batch_format": "numpy", "runtime_env": env}
     if items[0].shard:
         from ray_jobs.common import pyarrow_filesystem
 
@@ -290,38 +122,44 @@ def build_pipeline(items: list, args: argparse.Namespace, plan: Plan, config):
         ds = ds.map_batches(shard_rows, fn_kwargs={
             "slides": {it.image_id: it.slide_id for it in items}, "todo": {it.image_id for it in items},
             "image_column": args.image_column,
-            "scheme": shards[0].split("://", 1)[0] + "://" if fs is not None else ""}, batch_size=16, batch_format="numpy", runtime_env=env)
+            "scheme": shards[0].split("://", 1)[0] + "://" if fs is not None else ""},
+            batch_size=16, batch_format="numpy", runtime_env=env)
     else:
         ds = ray.data.from_items([{"uri": it.uri, "image_id": it.image_id, "slide_id": it.slide_id}
                                   for it in items], override_num_blocks=max(1, min(len(items) // 4, 1000)))
-    ds = ds.map_batches(read_decode, fn_kwargs={"max_pixels": args.max_pixels}, batch_size=4,
-                        compute=ray.data.TaskPoolStrategy(size=plan.read_tasks),
-                        num_cpus=0.25, batch_format="numpy", runtime_env=env)
-    ds = ds.map_batches(NucleusStage, fn_constructor_kwargs={
-                            "bundle_uri": args.bundle, "threads": plan.threads, "rule": rule,
-                            "batch_size": plan.batch_size},
+    ds = ds.map_batches(read_decode, fn_kwargs={"max_pixels": args.max_pixels, "config": cfg},
+                        compute=ray.data.TaskPoolStrategy(size=plan.read_tasks), num_cpus=plan.task_cpus,
+                        **{**common, "batch_size": 4})
+    writer = {"output": args.output, "segpc_masks": args.segpc_masks, "overlays": args.overlays}
+    if plan.fuse:  # CPU cluster: each actor runs every step of its images
+        return ds.map_batches(Segment, fn_constructor_kwargs={
+                                  "bundle_uri": args.bundle, "threads": plan.threads, "rule": rule,
+                                  "batch_size": plan.batch_size, **writer},
+                              compute=ray.data.ActorPoolStrategy(size=plan.segment_actors),
+                              num_cpus=plan.actor_cpus, **common)
+    model = {"bundle_uri": args.bundle, "threads": plan.threads, "rule": rule}
+    ds = ds.map_batches(NucleusNet, fn_constructor_kwargs={**model, "batch_size": plan.batch_size},
                         compute=ray.data.ActorPoolStrategy(size=plan.nucleus_actors),
-                        batch_size=plan.batch_size, num_gpus=plan.nucleus_gpu or None,
-                        num_cpus=plan.actor_cpus, batch_format="numpy", runtime_env=env)
-    for group in ([scales] if plan.fuse_scales else [[s] for s in scales]):
-        ds = ds.map_batches(ScaleStage, fn_constructor_kwargs={
-                                "bundle_uri": args.bundle, "scales": group, "threads": plan.threads,
-                                "rule": rule, "batch_size": plan.batch_size * 4},
+                        num_gpus=plan.nucleus_gpu or None, num_cpus=plan.actor_cpus, **common)
+    ds = ds.map_batches(find_nuclei, fn_kwargs={"config": cfg, "keep_image": args.overlays},
+                        num_cpus=plan.task_cpus, **common)
+    for k, scale in enumerate(scales):
+        ds = ds.map_batches(CellNet, fn_constructor_kwargs={**model, "scale": scale,
+                                                             "batch_size": plan.batch_size * 4},
                             compute=ray.data.ActorPoolStrategy(size=plan.cytoplasm_actors),
-                            batch_size=plan.batch_size, num_gpus=plan.cytoplasm_gpu or None,
-                            num_cpus=plan.actor_cpus, batch_format="numpy", runtime_env=env)
-    return ds.map_batches(Finalize, fn_constructor_kwargs={
-                              "config": config.to_dict(), "output": args.output,
-                              "segpc_masks": args.segpc_masks, "overlays": args.overlays,
-                              "rule": rule},
-                          # one writer per nucleus actor: writes keep up as the GPUs grow
-                          compute=ray.data.ActorPoolStrategy(size=plan.nucleus_actors),
-                          batch_size=plan.batch_size, num_cpus=0.25, batch_format="numpy", runtime_env=env)
+                            num_gpus=plan.cytoplasm_gpu or None, num_cpus=plan.actor_cpus, **common)
+        if k < len(scales) - 1:  # the last scale's candidates are taken by the writers
+            ds = ds.map_batches(take_candidates, fn_kwargs={"scale": scale, "config": cfg},
+                                num_cpus=plan.task_cpus, **common)
+    return ds.map_batches(Finalize, fn_constructor_kwargs={"config": cfg, "rule": rule, **writer},
+                          compute=ray.data.ActorPoolStrategy(size=plan.write_actors),
+                          num_cpus=plan.task_cpus, **common)
 
 
-def _storage_errors_unwrapped(batches):
-    """Batches as they come; a storage outage that outlasted its retries, raised inside a
-    worker and wrapped by Ray on the way, comes out as itself, with what to do next."""
+def _job_errors_unwrapped(batches):
+    """Batches as they come. Two failures raised inside workers stop the job and come out as
+    themselves, with what to do next, whatever Ray wrapped them in on the way: a storage
+    outage that outlasted its retries, and a GPU actor that sees no GPU."""
     try:
         yield from batches
     except Exception as exc:
@@ -332,13 +170,29 @@ def _storage_errors_unwrapped(batches):
                 what = str(seen).splitlines()[0]  # Ray appends its own advice on retries
                 raise StorageUnavailable(f"{what}. The job stopped; what it wrote is kept: run it "
                                          "again with --resume once the storage is back.") from None
+            if isinstance(seen, GPUUnavailable) and not isinstance(inner, GPUUnavailable):
+                raise GPUUnavailable(str(seen).splitlines()[0]) from None
             seen = inner
+        # an actor that died in its constructor carries the error only as text
+        text = str(exc)
+        if GPUUnavailable.__name__ in text:
+            line = next(ln for ln in text.splitlines() if GPUUnavailable.__name__ + ":" in ln)
+            raise GPUUnavailable(line.split(GPUUnavailable.__name__ + ":", 1)[1].strip()) from None
         raise
+
+
+def _gpu_node_cpus() -> float | None:
+    """CPUs per GPU on the GPU nodes that are up (None when none is)."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("GPU")]
+    gpus = sum(r["GPU"] for r in nodes)
+    return sum(r.get("CPU", 0) for r in nodes) / gpus if gpus else None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return exit_status(lambda: run(args), failures=(StorageUnavailable,))
+    return exit_status(lambda: run(args), failures=(StorageUnavailable, GPUUnavailable))
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -366,13 +220,13 @@ def run(args: argparse.Namespace) -> dict:
     todo = [it for it in items if it.image_id not in done]
     print(f"[segment] {len(items)} input image(s), {len(todo)} to do", flush=True)
     init_ray()
-    plan = plan_resources(args, ray.cluster_resources(), len(config.cytoplasm.scales))
+    plan = plan_resources(args, ray.cluster_resources(), len(config.cytoplasm.scales), _gpu_node_cpus())
     print(f"[segment] plan: {plan}", flush=True)
     counts = {"ok": 0, "error": 0, "cells": 0, "pipeline_s": 0.0}
     if todo:
         ds = build_pipeline(todo, args, plan, config)
         seen, t_start = 0, time.time()
-        for batch in _storage_errors_unwrapped(ds.iter_batches(batch_size=None, batch_format="numpy")):
+        for batch in _job_errors_unwrapped(ds.iter_batches(batch_size=None, batch_format="numpy")):
             for status, n_cells in zip(batch["status"], batch["n_cells"]):
                 counts["ok" if status == "ok" else "error"] += 1
                 counts["cells"] += int(n_cells)

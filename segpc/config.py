@@ -24,6 +24,9 @@ class NucleusConfig:
     min_area: float = 80.0  # pixels of the image resized to min_area_at x min_area_at
     min_area_at: int = 800  # the paper's input size: 80 px there is 1/8000 of the image
     split_touching: bool = True
+    # expected nucleus diameter in pixels of the network's input, what the splitter's markers
+    # are scaled to: training measures it on its own data and records it in the bundle
+    diameter: float = 30.0
 
 
 @dataclass
@@ -109,7 +112,7 @@ def preset(name: str) -> Config:
         return Config(
             preset="tiny",
             nucleus=NucleusConfig(encoder="tu-mobilenetv3_small_050",
-                                  decoder_channels=(64, 32, 16, 16, 8), input_size=320),
+                                  decoder_channels=(64, 32, 16, 16, 8), input_size=320, diameter=10.0),
             cytoplasm=CytoplasmConfig(encoder="tu-mobilenetv3_small_050", aspp_channels=32,
                                       low_level_channels=16, small_input=64, large_input=96),
         )

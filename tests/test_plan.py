@@ -1,36 +1,48 @@
-"""Resource planning of the batch job: never more than the machine has, GPUs filled."""
+"""Resource planning of the batch job: never more than the machine has, GPUs filled, CPU
+stages sized from the CPUs."""
 
 import pytest
 
-from ray_jobs.segment import parse_args, plan_resources
+from ray_jobs.plan import plan_resources
+from ray_jobs.segment import parse_args
 
 BASE = ["--input", "in", "--output", "out", "--bundle", "b"]
 
 
 def test_small_cpu_machine_never_oversubscribes():
     plan = plan_resources(parse_args(BASE), {"CPU": 2.0}, n_scales=4)
-    assert plan.fuse_scales and plan.nucleus_gpu == 0 and plan.cytoplasm_gpu == 0
-    actors = plan.nucleus_actors + plan.cytoplasm_actors
-    assert actors * plan.actor_cpus <= 2 - 1.25 + 1e-9  # a whole CPU (+ the writer) left free
-    assert plan.threads * actors <= 2
+    assert plan.fuse and plan.nucleus_gpu == 0 and plan.cytoplasm_gpu == 0
+    assert plan.segment_actors == 2  # one per core, one torch thread each
+    assert plan.segment_actors * plan.actor_cpus <= 2 - 1.25 + 1e-9  # a whole CPU (+ reads) left free
+    assert plan.threads * plan.segment_actors <= 2
 
 
 @pytest.mark.parametrize("gpus", [1, 4])
-def test_gpu_cluster_fills_each_gpu_with_one_pipeline(gpus):
+def test_gpu_cluster_fills_each_gpu_with_network_only_actors(gpus):
     plan = plan_resources(parse_args(BASE), {"CPU": 16.0 * gpus, "GPU": float(gpus)}, n_scales=4)
-    assert not plan.fuse_scales and plan.nucleus_actors == plan.cytoplasm_actors == gpus
+    assert not plan.fuse and plan.nucleus_actors == plan.cytoplasm_actors == gpus
     per_gpu = plan.nucleus_gpu + 4 * plan.cytoplasm_gpu
     assert per_gpu == pytest.approx(1.0)
+    assert plan.write_actors == 2 * gpus  # from the CPUs (16 per GPU), not one per GPU
 
 
-def test_autoscaling_cluster_plans_for_the_gpus_it_is_told():
-    plan = plan_resources(parse_args(BASE + ["--gpus", "8"]), {"CPU": 4.0}, n_scales=4)
+def test_autoscaling_cluster_plans_for_the_gpus_and_their_cpus():
+    # a CPU-only head with 4 CPUs; 8 GPUs to come, 12 CPUs each
+    plan = plan_resources(parse_args(BASE + ["--gpus", "8", "--cpus-per-gpu", "12"]), {"CPU": 4.0}, n_scales=4)
     assert plan.nucleus_actors == 8 and plan.nucleus_gpu > 0
+    assert plan.cpus == 4 + 8 * 12 and plan.write_actors == 100 // 8 and plan.read_tasks == 100
+    # without --cpus-per-gpu: as the GPU nodes that are up, else 8
+    assert plan_resources(parse_args(BASE + ["--gpus", "2"]), {"CPU": 4.0}, 4).cpus == 4 + 2 * 8
+    assert plan_resources(parse_args(BASE + ["--gpus", "2"]), {"CPU": 4.0, "GPU": 1.0}, 4,
+                          gpu_node_cpus=16).cpus == 4 + 16
 
 
 def test_flags_override():
     args = parse_args(BASE + ["--nucleus-actors", "3", "--cytoplasm-actors", "2", "--threads", "4",
-                              "--no-fuse-scales", "--batch-size", "5"])
+                              "--no-fuse", "--batch-size", "5", "--write-actors", "2"])
     plan = plan_resources(args, {"CPU": 8.0}, n_scales=4)
-    assert (plan.nucleus_actors, plan.cytoplasm_actors, plan.threads, plan.batch_size) == (3, 2, 4, 5)
-    assert not plan.fuse_scales
+    assert (plan.nucleus_actors, plan.cytoplasm_actors, plan.threads, plan.batch_size, plan.write_actors) == \
+        (3, 2, 4, 5, 2)
+    assert not plan.fuse
+    # every actor of the GPU-shaped graph fits on the CPUs, with a whole one left over
+    assert (3 + 2 * 4 + 2) * plan.actor_cpus <= 8 - 2.25 + 1e-9

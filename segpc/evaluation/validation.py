@@ -16,7 +16,9 @@ from segpc.evaluation.metrics import evaluate
 from segpc.io.segpc_format import Sample
 from segpc.method.crops import paste
 from segpc.method.cytoplasm import candidate_from_probability, gather_inputs
-from segpc.method.segmenter import Segmenter, find_nuclei, nucleus_probabilities
+from segpc.method.nucleus import find_nuclei
+from segpc.method.segmenter import Segmenter
+from segpc.method.steps import prepare, run_nucleus
 from segpc.training.data import true_nucleus_crops
 
 
@@ -63,10 +65,12 @@ def validate_nucleus(predict: Callable[[np.ndarray], np.ndarray], samples: list[
     """Nucleus instances (with the full post-processing) against the true nuclei."""
     truth, pred = {}, {}
     for s in samples:
-        prob = nucleus_probabilities([s.image], predict, config.nucleus.input_size)[0]
-        nuclei = find_nuclei(prob, config)
+        state = prepare(s.image, config, s.image_id)
+        run_nucleus([state], predict)
+        nuclei = find_nuclei(state.nucleus_prob.astype(np.float32), state.shape, config.nucleus)
         truth[s.image_id] = [inst.nucleus for inst in s.instances]
-        pred[s.image_id] = [nuclei.labels == i + 1 for i in range(len(nuclei))]
+        whole = (0, 0, *state.shape)
+        pred[s.image_id] = [nuclei.in_window(i, whole) for i in range(len(nuclei))]
     return evaluate(truth, pred)
 
 

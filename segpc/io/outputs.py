@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +27,7 @@ from fsspec.implementations.local import LocalFileSystem
 from segpc.io.imaging import encode_png
 from segpc.io.inputs import InputImage
 from segpc.io.overlay import draw_overlay
-from segpc.method.segmenter import ImageResult
+from segpc.method.results import ImageResult
 from segpc.io.storage import filesystem, join, storage_options, with_retries
 
 IMAGES_SCHEMA = pa.schema([
@@ -77,6 +78,7 @@ class OutputWriter:
     def __init__(self, output: str, segpc_masks: bool = False, overlays: bool = False):
         self.output, self.segpc_masks, self.overlays = output.rstrip("/"), segpc_masks, overlays
         self.fs, self.root = filesystem(self.output)
+        self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="segpc-write")
 
     def write(self, records: list[ImageRecord]) -> list[dict]:
         if not records:
@@ -84,9 +86,8 @@ class OutputWriter:
         part = part_name([r.input.image_id for r in records])
         cells = [row for r in records if r.result is not None for row in _cell_rows(r)]
         self._parquet(f"cells/{part}", pa.Table.from_pylist(cells, schema=CELLS_SCHEMA))
-        for r in records:
-            if r.result is not None:
-                self._per_image_files(r)
+        # the images' files at once: on object storage each is a few round trips
+        list(self.pool.map(self._per_image_files, [r for r in records if r.result is not None]))
         rows = [_image_row(r) for r in records]
         self._parquet(f"images/{part}", pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA))
         return [{k: row[k] for k in SUMMARY_COLUMNS} for row in rows]
@@ -97,7 +98,7 @@ class OutputWriter:
         _put(self.fs, join(self.root, name), buf.getvalue())
 
     def _per_image_files(self, r: ImageRecord) -> None:
-        nuclei, cells = r.result.label_maps()
+        nuclei, cells = r.result.label_maps(np.uint16 if len(r.result.cells) < 65535 else np.int32)
         with_retries(f"writing masks.zarr/{r.input.image_id}", write_label_masks,
                      self.output, r.input.image_id, nuclei, cells)
         if self.overlays and r.image is not None:
@@ -175,15 +176,25 @@ def zarr_store(output: str):
     return FsspecStore.from_url(url, storage_options={**opts, "asynchronous": True})
 
 
+# A camera image's label map is one chunk (one object per array on object storage); only
+# larger images (whole-slide tiles, scans) are split.
+MAX_CHUNK = 4096
+
+
 def write_label_masks(output: str, image_id: str, nuclei: np.ndarray, cells: np.ndarray) -> None:
-    """``masks.zarr/<image_id>/{nuclei,cells}``: chunked, compressed label arrays (overwritten)."""
+    """``masks.zarr/<image_id>/{nuclei,cells}``: chunked, compressed label arrays (overwritten).
+
+    Empty chunks are written too: zarr's test for them compares the whole chunk with the
+    fill value, which cost ten times the compression of a sparse label map.
+    """
     import zarr
 
-    dtype = np.uint16 if max(int(nuclei.max(initial=0)), int(cells.max(initial=0))) < 65535 else np.int32
     group = zarr.open_group(store=zarr_store(output), path=image_id, mode="w")
+    chunks = tuple(min(n, MAX_CHUNK) for n in nuclei.shape)
     for name, arr in (("nuclei", nuclei), ("cells", cells)):
-        z = group.create_array(name, shape=arr.shape, dtype=dtype, chunks=(512, 512), fill_value=0)
-        z[...] = arr.astype(dtype)
+        z = group.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=chunks, fill_value=0,
+                               config={"write_empty_chunks": True})
+        z[...] = arr
     group.attrs["label_meaning"] = "0 background; value = cell_id of cells/ rows"
 
 

@@ -74,11 +74,11 @@ def cytoplasm_ratio(cell_area: int, nucleus_area: int) -> float:
     return max(cell_area - nucleus_area, 0) / max(nucleus_area, 1)
 
 
-def truncation(cell: np.ndarray, window: Box, image_shape: tuple[int, int],
-               touch_fraction: float) -> tuple[bool, float]:
-    """(truncated, edge_fraction): does the cell run into a crop edge that lies inside the
-    image, and what share of those edges it covers. Edges on the image border do not count:
-    a cell cut by the image is as large as it gets."""
+def edge_contact(cell: np.ndarray, window: Box, image_shape: tuple[int, int]) -> tuple[int, int]:
+    """(cell pixels on the crop window's edges that lie inside the image, those edges' length).
+
+    Edges on the image border do not count: a cell cut by the image is as large as it gets.
+    """
     y0, x0, y1, x1 = window
     h, w = image_shape[:2]
     edges = []
@@ -90,10 +90,21 @@ def truncation(cell: np.ndarray, window: Box, image_shape: tuple[int, int],
         edges.append(cell[:, 0])
     if x1 < w:
         edges.append(cell[:, -1])
-    touching, length = sum(int(e.sum()) for e in edges), sum(e.size for e in edges)
-    if not length:
-        return False, 0.0
-    return touching >= max(2, touch_fraction * length), touching / length
+    return sum(int(e.sum()) for e in edges), sum(e.size for e in edges)
+
+
+def touches(touching: int, length: int, touch_fraction: float) -> bool:
+    """The truncation rule on an edge contact: at least ``touch_fraction`` of the in-image edge
+    length, and at least 2 pixels. Apart from the mask, so calibration can vary the fraction."""
+    return length > 0 and touching >= max(2, touch_fraction * length)
+
+
+def truncation(cell: np.ndarray, window: Box, image_shape: tuple[int, int],
+               touch_fraction: float) -> tuple[bool, float]:
+    """(truncated, edge_fraction): does the cell run into a crop edge that lies inside the
+    image, and what share of those edges it covers."""
+    touching, length = edge_contact(cell, window, image_shape)
+    return touches(touching, length, touch_fraction), (touching / length if length else 0.0)
 
 
 def plausible(c: Candidate, cfg: AggregationConfig) -> bool:

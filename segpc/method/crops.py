@@ -117,6 +117,34 @@ def fit_to_input(crop: np.ndarray, size: int, interpolation: int = cv2.INTER_ARE
     return out, fit
 
 
+def cut_and_fit(source: np.ndarray, origin: tuple[int, int], window: Box, image_shape: tuple[int, int],
+                out: np.ndarray, fit: Fit, interpolation: int = cv2.INTER_AREA) -> None:
+    """:func:`extract` and :func:`fit_to_input` in one step, without the zero-filled window.
+
+    ``source`` holds image pixels (or a per-pixel mask) from ``origin`` = (y, x) on, covering
+    at least the in-image part of ``window``; that part alone is resized to its place in the
+    fitted input ``out`` (``fit`` = ``plan_fit`` of the window), whose rest stays zero, as the
+    window's outside would. When the window fits unresized this equals the two-step way
+    exactly; otherwise only the edge of the in-image part may differ by the resampling.
+    """
+    y0, x0, y1, x1 = window
+    cy0, cx0, cy1, cx1 = clip_box(window, image_shape)
+    if cy1 <= cy0 or cx1 <= cx0:
+        return
+    sy, sx = fit.inner_h / fit.h, fit.inner_w / fit.w
+    ty0, ty1 = fit.top + half_up((cy0 - y0) * sy), fit.top + half_up((cy1 - y0) * sy)
+    tx0, tx1 = fit.left + half_up((cx0 - x0) * sx), fit.left + half_up((cx1 - x0) * sx)
+    if ty1 <= ty0 or tx1 <= tx0:
+        return
+    oy, ox = origin
+    region = source[cy0 - oy:cy1 - oy, cx0 - ox:cx1 - ox]
+    if region.shape[:2] != (ty1 - ty0, tx1 - tx0):
+        region = cv2.resize(region, (tx1 - tx0, ty1 - ty0), interpolation=interpolation)
+        if out.ndim == 3 and region.ndim == 2:  # OpenCV drops a single channel axis
+            region = region[..., None]
+    out[ty0:ty1, tx0:tx1] = region
+
+
 def unfit(arr: np.ndarray, fit: Fit, interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
     """Inverse of :func:`fit_to_input` for a (size, size) map: back to the crop's (h, w)."""
     inner = arr[fit.top:fit.top + fit.inner_h, fit.left:fit.left + fit.inner_w]
