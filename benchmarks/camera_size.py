@@ -1,10 +1,12 @@
 """Camera-size images: where the time goes per image, and the Ray job against one process.
 
     python benchmarks/camera_size.py [--images 8] [--preset tiny|paper] [--bundle B] [--ray N]
+        [--device cpu|cuda]
 
 Synthetic images of both SegPC cameras (2040x1536 and 2560x1920). Part 1 runs the
-single-process pipeline step by step with one torch thread and prints the time per image of
-each step: the networks, and everything else (the CPU work this issue cuts).
+single-process pipeline step by step (one torch thread on a CPU) and prints the time per
+image of each step: the networks, and everything else (the CPU work of stage 1, crops,
+candidates, aggregation, label maps and writes).
 
 * Without ``--bundle`` the preset's networks run with random weights (their time is real),
   and their outputs are replaced by the synthetic truth seen through the network's own
@@ -13,8 +15,9 @@ each step: the networks, and everything else (the CPU work this issue cuts).
 * With ``--bundle`` a trained bundle runs as it is.
 
 Part 2 (``--ray N`` with ``--bundle``): N images per camera through the Ray batch job and
-through the single process (default torch threads), same images, same outputs; prints the
-images/s of both and their ratio.
+through the single process (default torch threads; on a GPU bf16 autocast), same images,
+same outputs; prints the images/s of both and their ratio, and on a GPU the GPU's busy
+fraction (NVML, sampled every 0.1 s) over the middle 80% of each run.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import argparse
 import json
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -59,10 +63,10 @@ class Clock:
         return out
 
 
-def oracle_nets(bundle, clock: Clock):
+def oracle_nets(bundle, clock: Clock, device: str):
     """Nucleus and cell callables: the real networks run (timed), the truth comes out."""
-    unet = NetworkRunner(bundle.nucleus, "cpu", 8)
-    cells = {s: NetworkRunner(m, "cpu", 32) for s, m in bundle.cytoplasm.items()}
+    unet = NetworkRunner(bundle.nucleus, device, 8)
+    cells = {s: NetworkRunner(m, device, 32) for s, m in bundle.cytoplasm.items()}
     current: list = []  # (shape, truth) of the image being run
 
     def nucleus_net(x: np.ndarray) -> np.ndarray:
@@ -90,16 +94,16 @@ def oracle_nets(bundle, clock: Clock):
 
 
 def single_process_by_step(paths: list[Path], truths: list[list], bundle, oracle: bool,
-                           out: str) -> tuple[dict[str, float], dict]:
+                           out: str, device: str) -> tuple[dict[str, float], dict]:
     """The segmenter's steps one by one, each timed; returns seconds per step and counts."""
     torch.set_num_threads(1)
     cfg = bundle.config
     clock = Clock()
     if oracle:
-        nucleus_net, cell_net, current = oracle_nets(bundle, clock)
+        nucleus_net, cell_net, current = oracle_nets(bundle, clock, device)
     else:
-        unet = NetworkRunner(bundle.nucleus, "cpu", 8)
-        cells = {s: NetworkRunner(m, "cpu", 32) for s, m in bundle.cytoplasm.items()}
+        unet = NetworkRunner(bundle.nucleus, device, 8)
+        cells = {s: NetworkRunner(m, device, 32) for s, m in bundle.cytoplasm.items()}
         nucleus_net = lambda x: clock("nucleus network", unet, x)  # noqa: E731
         cell_net = lambda scale, crops: clock("cytoplasm networks", cells[scale], gather_inputs(crops))  # noqa: E731
         current = []
@@ -144,7 +148,44 @@ def print_steps(title: str, seconds: dict[str, float], counts: dict) -> dict:
             "networks_ms": 1000 * nets / n, "rest_ms": 1000 * rest / n, **counts}
 
 
-def ray_vs_single(folder: Path, bundle: str, work: Path, n: int) -> dict:
+class GPUBusy:
+    """The GPU's busy fraction sampled by NVML while a block runs (None without a GPU)."""
+
+    def __init__(self, device: str):
+        self.samples: list[float] = []
+        self.handle = None
+        if device.startswith("cuda"):
+            import pynvml  # nvidia-ml-py: the project's `gpu` extra
+
+            pynvml.nvmlInit()
+            self.nvml = pynvml
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+
+    def __enter__(self) -> "GPUBusy":
+        if self.handle is not None:
+            self.running = True
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self.running:
+            self.samples.append(self.nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu / 100)
+            time.sleep(0.1)
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is not None:
+            self.running = False
+            self.thread.join()
+
+    def steady(self) -> float | None:
+        """Mean busy fraction over the middle 80% of the run (start-up and drain left out)."""
+        n = len(self.samples)
+        middle = self.samples[n // 10:n - n // 10]
+        return float(np.mean(middle)) if middle else None
+
+
+def ray_vs_single(folder: Path, bundle: str, work: Path, n: int, device: str) -> dict:
     """The Ray job and the single process over the same folder; both write the same outputs."""
     from ray_jobs.segment import parse_args
     from ray_jobs.segment import run as segment_run
@@ -153,24 +194,34 @@ def ray_vs_single(folder: Path, bundle: str, work: Path, n: int) -> dict:
 
     torch.set_num_threads(torch.get_num_interop_threads())
     t0 = time.perf_counter()
-    seg = Segmenter.from_bundle(bundle, device="cpu")
+    seg = Segmenter.from_bundle(bundle, device=device)
     writer = OutputWriter(str(work / "single"))
     items = list_inputs(str(folder))
-    for i in range(0, len(items), 4):
-        chunk = items[i:i + 4]
-        images = [read_image(it.uri) for it in chunk]
-        results = seg.segment_batch(images)
-        writer.write([ImageRecord(it, "ok", "", im.shape[1], im.shape[0], 0.0, r)
-                      for it, im, r in zip(chunk, images, results)])
+    batch = 16 if device.startswith("cuda") else 4
+    with GPUBusy(device) as busy_single:
+        for i in range(0, len(items), batch):
+            chunk = items[i:i + batch]
+            images = [read_image(it.uri) for it in chunk]
+            results = seg.segment_batch(images)
+            writer.write([ImageRecord(it, "ok", "", im.shape[1], im.shape[0], 0.0, r)
+                          for it, im, r in zip(chunk, images, results)])
     t_single = time.perf_counter() - t0
     t0 = time.perf_counter()
-    segment_run(parse_args(["--input", str(folder), "--output", str(work / "ray"), "--bundle", bundle,
-                            "--progress-every", "100000"]))
+    with GPUBusy(device) as busy_ray:
+        summary = segment_run(parse_args(["--input", str(folder), "--output", str(work / "ray"),
+                                          "--bundle", bundle, "--progress-every", "100000"]))
     t_ray = time.perf_counter() - t0
     print(f"\nsingle process: {n / t_single:.2f} images/s ({t_single:.1f}s, model load included)")
-    print(f"Ray job:        {n / t_ray:.2f} images/s ({t_ray:.1f}s, Ray and actor start included)")
-    print(f"ratio Ray / single process: {t_single / t_ray:.2f}x")
-    return {"single_s": t_single, "ray_s": t_ray, "ratio": t_single / t_ray}
+    print(f"Ray job:        {n / t_ray:.2f} images/s ({t_ray:.1f}s, Ray and actor start included); "
+          f"its pipeline {n / summary['pipeline_s']:.2f} images/s")
+    print(f"ratio Ray / single process: {t_single / t_ray:.2f}x end to end, "
+          f"{t_single / summary['pipeline_s']:.2f}x for the pipeline alone")
+    out = {"single_s": t_single, "ray_s": t_ray, "pipeline_s": summary["pipeline_s"], "ratio": t_single / t_ray}
+    if busy_ray.handle is not None:
+        out.update(gpu_busy_single=busy_single.steady(), gpu_busy_ray=busy_ray.steady())
+        print(f"GPU busy (steady state): single process {out['gpu_busy_single']:.0%}, "
+              f"Ray job {out['gpu_busy_ray']:.0%}")
+    return out
 
 
 def main() -> int:
@@ -179,6 +230,8 @@ def main() -> int:
     p.add_argument("--preset", choices=["tiny", "paper"], default="tiny")
     p.add_argument("--bundle", default=None, help="a trained bundle (default: random weights + truth)")
     p.add_argument("--ray", type=int, default=0, help="images per camera for the Ray vs single comparison")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the networks run (default: cuda when present)")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="segpc-camera-"))
     bundle = load_bundle(args.bundle) if args.bundle else new_bundle(preset(args.preset))
@@ -193,7 +246,7 @@ def main() -> int:
             paths.append(path)
             truths.append(truth)
         seconds, counts = single_process_by_step(paths, truths, bundle, args.bundle is None,
-                                                 str(work / f"out-{camera}"))
+                                                 str(work / f"out-{camera}"), args.device)
         report[camera] = print_steps(f"{camera} {w}x{h}, {args.preset if not args.bundle else args.bundle}"
                                      f"{' (random weights, truth outputs)' if not args.bundle else ''}",
                                      seconds, counts)
@@ -207,7 +260,7 @@ def main() -> int:
             dest = folder / src.stem.rsplit("-", 1)[0] / src.name
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(src.read_bytes())
-        report["ray"] = ray_vs_single(folder, args.bundle, work, 2 * args.ray)
+        report["ray"] = ray_vs_single(folder, args.bundle, work, 2 * args.ray, args.device)
     print(json.dumps(report))
     return 0
 
