@@ -68,7 +68,7 @@ def decode_image(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> np.nda
                 raise InputError(f"{name}: has an alpha channel ({mode}); expected 8-bit RGB")
             if mode not in ("RGB", "P"):
                 raise InputError(f"{name}: {mode} pixels; expected 8-bit RGB")
-            arr = np.asarray(im.convert("RGB"))
+            arr = np.asarray(im if mode == "RGB" else im.convert("RGB"))  # no copy for RGB
     except InputError:
         raise
     except Exception as exc:  # pillow raises OSError, SyntaxError, ValueError ... on bad data
