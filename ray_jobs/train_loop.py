@@ -1,16 +1,20 @@
 """What runs inside each Ray Train worker, and the bundle-validation task.
 
-Only wiring: data sharding by rank, DDP, reporting and checkpoints. The data, the step and
-the metrics are ``segpc.training.steps`` / ``segpc.evaluation.validation`` functions.
+Only wiring: the worker streams its shard of the training dataset (built and augmented by
+Ray Data tasks, see ``ray_jobs.train.training_dataset``), runs DDP steps, validates on rank 0
+and reports with checkpoints. The model, the steps and the metrics are ``segpc`` functions.
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+from segpc.training.splits import SampleRef
 
 
 def train_loop(c: dict) -> None:
@@ -18,25 +22,27 @@ def train_loop(c: dict) -> None:
     import ray.train.torch
 
     from segpc.config import Config
+    from segpc.evaluation.validation import validate_nucleus, validate_scale
     from segpc.models import build_cytoplasm_model, build_nucleus_model
     from segpc.models.runner import NetworkRunner, to_channels_last
-    from segpc.training.splits import localize, training_data
-    from segpc.evaluation.validation import validate_nucleus, validate_scale
     from segpc.training.checkpoint import load_checkpoint, save_checkpoint
-    from segpc.training.data import cytoplasm_arrays, epoch_indices, nucleus_arrays
-    from segpc.training.steps import lr_at, train_epoch
+    from segpc.training.data import load_sample
+    from segpc.training.splits import cached
+    from segpc.training.steps import lr_at, train_steps
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(int(c["threads"]))
-    torch.manual_seed(c["seed"] + rank)
     cfg = Config.from_dict(c["config"])
-    train, val = training_data(localize(c["data"]), c["val_fraction"])
     scale = c["scale"]
+    # the same start on every rank (and reproducible by a test); weights load here, in the
+    # worker, from the URI: nothing model-sized travels from the driver
+    torch.manual_seed(c["seed"])
     if c["stage"] == "nucleus":
-        arrays, model = nucleus_arrays(train, cfg.nucleus.input_size), build_nucleus_model(cfg.nucleus)
+        model = build_nucleus_model(cfg.nucleus, encoder_weights=c["encoder_weights"])
     else:
-        arrays, model = cytoplasm_arrays(train, scale, cfg), build_cytoplasm_model(cfg.cytoplasm)
+        model = build_cytoplasm_model(cfg.cytoplasm, encoder_weights=c["encoder_weights"])
+    torch.manual_seed(c["seed"] + rank)
     device = ray.train.torch.get_device()
     model = model.to(device)
     if device.type == "cuda":
@@ -54,28 +60,40 @@ def train_loop(c: dict) -> None:
         if rank == 0:
             print(f"[{c['name']}] resumed after epoch {state['epoch'] + 1}", flush=True)
     ddp = ray.train.torch.prepare_model(model) if world > 1 else model
-    gen = torch.Generator().manual_seed(c["seed"] * 1000 + rank)
+    shard = ray.train.get_dataset_shard("train")
+    # rank 0 validates on whole images, one at a time, from a local copy of the split
+    val_refs = cached([SampleRef.from_json(r) for r in c["validation"]]) if rank == 0 else []
     for epoch in range(start, c["epochs"]):
         for group in opt.param_groups:
             group["lr"] = lr_at(epoch, c["epochs"], c["lr"])
-        idx = epoch_indices(len(arrays), epoch, rank, world, c["seed"])
-        stats = train_epoch(ddp, opt, arrays, idx, c["batch_size"], device, gen, amp=c["amp"])
-        stats = _all_reduce(stats, world, device)
-        metrics = {"epoch": epoch + 1, "loss": stats["loss"], "samples_per_s": stats["samples_per_s"]}
+        rows: list[int] = []
+        batches = shard.iter_torch_batches(batch_size=c["batch_size"], local_shuffle_buffer_size=4 * c["batch_size"],
+                                           prefetch_batches=2, device="cpu")
+        stats = _all_reduce(train_steps(ddp, opt, _pairs(batches, rows), device, amp=c["amp"]), world, device)
+        shards = _gather(rows, world)
+        metrics = {"epoch": epoch + 1, "loss": stats["loss"], "samples_per_s": stats["samples_per_s"],
+                   "shard_rows": [len(r) for r in shards], "distinct_rows": len(set().union(*shards))}
         with tempfile.TemporaryDirectory() as tmp:
             report_ckpt = None
             if rank == 0:
-                runner = NetworkRunner(model, device, batch_size=32, amp=c["amp"])
                 t0 = time.perf_counter()
-                if c["stage"] == "nucleus":
-                    val_metrics = validate_nucleus(runner, val, cfg)
-                    score = val_metrics["f1"] or 0.0
-                else:
-                    val_metrics = validate_scale(runner, val, scale, cfg)
-                    score = val_metrics["miou"] or 0.0
-                model.train()
-                val_metrics.pop("per_image", None)
-                metrics.update({f"val_{k}": v for k, v in val_metrics.items() if v is not None})
+                line = ""
+                if val_refs:
+                    runner = NetworkRunner(model, device, batch_size=32, amp=c["amp"])
+                    samples = (load_sample(r) for r in val_refs)
+                    if c["stage"] == "nucleus":
+                        val_metrics = validate_nucleus(runner, samples, cfg)
+                        score = val_metrics["f1"] or 0.0
+                    else:
+                        val_metrics = validate_scale(runner, samples, scale, cfg)
+                        score = val_metrics["miou"] or 0.0
+                    model.train()
+                    val_metrics.pop("per_image", None)
+                    metrics.update({f"val_{k}": v for k, v in val_metrics.items() if v is not None})
+                    line = (f" val miou {val_metrics['miou'] or 0:.3f} f1 {val_metrics['f1'] or 0:.3f}"
+                            f" ({time.perf_counter() - t0:.1f}s)")
+                else:  # --final: nothing held out, the last epoch is the result
+                    score = float(epoch)
                 metrics["score"] = score
                 if score > best_score:
                     best_score, best_epoch, best_metrics = score, epoch, metrics.copy()
@@ -85,13 +103,30 @@ def train_loop(c: dict) -> None:
                                                   "best_epoch": best_epoch, "best_metrics": best_metrics,
                                                   "history": history}, best)
                 report_ckpt = ray.train.Checkpoint.from_directory(tmp)
-                print(f"[{c['name']}] epoch {epoch + 1}/{c['epochs']} loss {stats['loss']:.4f} "
-                      f"val miou {val_metrics['miou'] or 0:.3f} f1 {val_metrics['f1'] or 0:.3f} "
-                      f"| {stats['samples_per_s']:.1f} samples/s train, "
-                      f"val {time.perf_counter() - t0:.1f}s", flush=True)
+                print(f"[{c['name']}] epoch {epoch + 1}/{c['epochs']} loss {stats['loss']:.4f}{line} "
+                      f"| {stats['samples_per_s']:.1f} samples/s train, shards {metrics['shard_rows']}",
+                      flush=True)
             ray.train.report(metrics, checkpoint=report_ckpt)
         if c.get("fail_after_epoch") == epoch + 1 and start == 0:
             raise RuntimeError(f"test fault hook: stopping after epoch {epoch + 1}")
+
+
+def _pairs(batches, rows: list[int]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(x, y) of each batch, noting the rows seen (for the shard check)."""
+    for b in batches:
+        rows.extend(b["row"].tolist())
+        yield b["x"], b["y"]
+
+
+def _gather(rows: list[int], world: int) -> list[list[int]]:
+    """Every worker's rows of this epoch (small: one int per example)."""
+    if world == 1:
+        return [rows]
+    import torch.distributed as dist
+
+    out: list = [None] * world
+    dist.all_gather_object(out, rows)
+    return out
 
 
 def _all_reduce(stats: dict, world: int, device: torch.device) -> dict:
@@ -106,15 +141,16 @@ def _all_reduce(stats: dict, world: int, device: torch.device) -> dict:
     return {"loss": float(t[0] / max(t[1], 1)), "samples": int(t[1]), "samples_per_s": float(t[2])}
 
 
-def evaluate_bundle_task(files: dict[str, bytes], data: str, val_fraction: float) -> dict:
-    """Ray task: the bundle (as file bytes) scored on the validation split, rule by rule."""
-    from segpc.method.segmenter import Segmenter
-    from segpc.training.splits import localize, training_data
+def evaluate_bundle_task(files: dict[str, bytes], validation: list[str]) -> dict:
+    """Ray task: the bundle (as file bytes) scored on the validation split, rule by rule, and
+    its rule around the true nuclei (images read one batch at a time)."""
     from segpc.evaluation.validation import compare_rules
+    from segpc.method.segmenter import Segmenter
+    from segpc.training.data import load_sample
 
     with tempfile.TemporaryDirectory() as tmp:
         for name, blob in files.items():
             Path(tmp, name).write_bytes(blob)
         segmenter = Segmenter.from_bundle(tmp)
-    _, val = training_data(localize(data), val_fraction)
-    return compare_rules(segmenter, val)
+    samples = (load_sample(SampleRef.from_json(r)) for r in validation)
+    return compare_rules(segmenter, samples, true_nuclei=True)

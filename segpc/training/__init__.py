@@ -1,1 +1,4 @@
-"""Training: data splits, per-step logic and checkpoints (no Ray in here)."""
+"""Training, one concept a module (no Ray in here): where the data is (``splits``), the
+examples of each stage (``data``), guidance jitter (``guidance``), augmentation
+(``augment``), the data-loading stages as batch callables (``ingest``), the steps
+(``steps``) and checkpoints (``checkpoint``)."""

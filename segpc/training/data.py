@@ -1,8 +1,14 @@
-"""Training samples of each stage, as uint8 arrays (no Ray in here).
+"""Training examples of each stage, one sample at a time (plain numpy; no Ray in here).
 
 Stage 1 learns nucleus probability on whole images fitted to the preset's input size;
-stage 2 learns, per scale, the whole-cell mask on 4-channel crops built around the
-ground-truth nuclei (METHOD.md sections 3-5).
+stage 2 learns, per scale, the whole-cell mask on 4-channel crops around a nucleus
+(METHOD.md sections 3-5). Decoding reads by URI (local or object storage), so the same
+functions run in a Ray Data task, a Ray Train worker or a test.
+
+A stage-2 sample is stored as a :class:`CellContext`: the native-resolution neighbourhood of
+one labelled cell, a little larger than its crop window, so that each epoch can perturb the
+guidance nucleus (and with it the crop window, as inference derives the window from the
+nucleus it is given) and still cut the crop with ``crop_input``, exactly as inference does.
 """
 
 from __future__ import annotations
@@ -15,16 +21,23 @@ from scipy import ndimage as ndi
 
 from segpc.config import Config
 from segpc.errors import InputError
-from segpc.io.imaging import equalize
+from segpc.io.imaging import decode_image, equalize
 from segpc.io.segpc_format import Sample
-from segpc.method.crops import extract, fit_to_input
+from segpc.io.storage import read_bytes
+from segpc.method.crops import Box, box_or_none, crop_window, extract, fit_to_input
 from segpc.method.cytoplasm import CropInput, crop_input
 from segpc.method.instances import Instance
+from segpc.training.guidance import GuidanceJitter, jitter_guidance
+from segpc.training.splits import SampleRef
+
+# Bit planes of a CellContext's ``planes``: one byte per pixel holds every mask it needs.
+OWN, OTHERS, CELL = 1, 2, 4
 
 
 @dataclass
 class Arrays:
-    """Inputs (N, S, S, C) uint8 and targets (N, S, S) uint8 {0, 1} of one stage."""
+    """Inputs (N, S, S, C) uint8 and targets (N, S, S) uint8 {0, 1} of one stage, in memory
+    (the in-process path: quick test bundles and the ingest benchmark's baseline)."""
 
     x: np.ndarray
     y: np.ndarray
@@ -33,8 +46,39 @@ class Arrays:
         return len(self.x)
 
 
+@dataclass
+class CellContext:
+    """One labelled cell's neighbourhood: RGB (equalised if the config says so) and the masks
+    (its true nucleus, the other true nuclei, its whole cell) packed in bit planes.
+    ``allowed`` is the box (context pixels) a perturbed guidance nucleus must stay in: the
+    context covers the crop window of any nucleus inside it."""
+
+    rgb: np.ndarray  # uint8 (h, w, 3)
+    planes: np.ndarray  # uint8 (h, w): OWN | OTHERS | CELL
+    allowed: Box
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def load_sample(ref: SampleRef) -> Sample:
+    """Read and decode one image and its masks; every mask must match the image's size."""
+    image = decode_image(read_bytes(ref.image_uri), ref.image_uri)
+    instances = []
+    for k, uri in ref.masks:
+        data = np.frombuffer(read_bytes(uri), np.uint8)
+        arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+        if arr is None:
+            raise InputError(f"{uri}: not a readable mask image (empty, truncated or corrupt)")
+        if arr.shape[:2] != image.shape[:2]:
+            raise InputError(f"{uri}: mask is {arr.shape[0]}x{arr.shape[1]} (HxW) but its image is "
+                             f"{image.shape[0]}x{image.shape[1]}")
+        instances.append(Instance.from_segpc_mask(arr, k=k, name=uri))
+    return Sample(ref.image_id, ref.image_uri, instances, image)
+
+
 def nucleus_labels(sample: Sample) -> np.ndarray:
-    """Ground-truth nuclei as a label map (instance i -> i + 1)."""
+    """Ground-truth nuclei as a label map (instance i -> i + 1; earlier instances win overlaps)."""
     h, w = sample.image.shape[:2]
     labels = np.zeros((h, w), np.int32)
     for i, inst in enumerate(sample.instances):
@@ -42,18 +86,66 @@ def nucleus_labels(sample: Sample) -> np.ndarray:
     return labels
 
 
+# --------------------------------------------------------------------------- stage 1
+
+
+def nucleus_example(sample: Sample, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The whole image and the union of its nuclei, fitted like the segmenter fits them."""
+    union = np.zeros(sample.image.shape[:2], np.uint8)
+    for inst in sample.instances:
+        union[inst.nucleus] = 1
+    return fit_to_input(sample.image, size)[0], fit_to_input(union, size, cv2.INTER_NEAREST)[0]
+
+
 def nucleus_arrays(samples: list[Sample], size: int) -> Arrays:
-    """Whole images and the union of their nuclei, fitted like the segmenter fits them."""
-    xs, ys = [], []
-    for s in samples:
-        union = np.zeros(s.image.shape[:2], np.uint8)
-        for inst in s.instances:
-            union[inst.nucleus] = 1
-        xs.append(fit_to_input(s.image, size)[0])
-        ys.append(fit_to_input(union, size, cv2.INTER_NEAREST)[0])
-    if not xs:
+    """Stage-1 examples of decoded samples, stacked in memory."""
+    if not samples:
         raise InputError("nucleus training: no images")
+    xs, ys = zip(*(nucleus_example(s, size) for s in samples))
     return Arrays(np.stack(xs), np.stack(ys))
+
+
+# --------------------------------------------------------------------------- stage 2
+
+
+def cell_contexts(sample: Sample, scale: float, config: Config,
+                  jitter: GuidanceJitter | None = None) -> list[CellContext]:
+    """One context per labelled cell, large enough for ``jitter``'s nuclei (a cell without
+    nucleus pixels has no crop at inference either, and is left out)."""
+    jitter = jitter or GuidanceJitter()
+    image = equalize(sample.image) if config.cytoplasm.equalize else sample.image
+    out = []
+    for i, inst in enumerate(sample.instances):
+        box = box_or_none(inst.nucleus)
+        if box is None:
+            continue
+        m = jitter.margin_px(box)
+        region = (box[0] - m, box[1] - m, box[2] + m, box[3] + m)
+        window = crop_window(region, scale)
+        own = extract(inst.nucleus, window)
+        others = np.zeros_like(own)
+        for j, other in enumerate(sample.instances):
+            if j != i:
+                others |= extract(other.nucleus, window)
+        planes = (own * OWN | (others & ~own) * OTHERS | extract(inst.cell, window) * CELL).astype(np.uint8)
+        y0, x0 = window[:2]
+        out.append(CellContext(extract(image, window), planes,
+                               (region[0] - y0, region[1] - x0, region[2] - y0, region[3] - x0)))
+    return out
+
+
+def cell_example(ctx: CellContext, scale: float, config: Config, rng: np.random.Generator | None = None,
+                 jitter: GuidanceJitter | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(S, S, 4) crop and its (S, S) whole-cell target, cut by ``crop_input`` around the
+    guidance nucleus: the true one, or (with ``jitter`` and ``rng``) a perturbed one whose box
+    sets the window, as the U-Net's nucleus would at inference."""
+    own = (ctx.planes & OWN) > 0
+    guidance = own if jitter is None else jitter_guidance(own, (ctx.planes & OTHERS) > 0, ctx.allowed,
+                                                          rng, jitter)
+    box = box_or_none(guidance)
+    crop = crop_input(ctx.rgb, guidance.view(np.uint8), 1, box, scale, config.cytoplasm)
+    target = extract(((ctx.planes & CELL) > 0).view(np.uint8), crop.window)
+    return crop.pixels, fit_to_input(target, crop.fit.size, cv2.INTER_NEAREST)[0]
 
 
 def true_nucleus_crops(sample: Sample, scale: float, config: Config) -> list[tuple[Instance, CropInput]]:
@@ -64,29 +156,3 @@ def true_nucleus_crops(sample: Sample, scale: float, config: Config) -> list[tup
     return [(inst, crop_input(image, labels, i + 1, (sl[0].start, sl[1].start, sl[0].stop, sl[1].stop),
                               scale, config.cytoplasm))
             for i, (inst, sl) in enumerate(zip(sample.instances, boxes)) if sl is not None]
-
-
-def cytoplasm_arrays(samples: list[Sample], scale: float, config: Config) -> Arrays:
-    """One crop per labelled cell at ``scale``; target = the whole cell, fitted alike."""
-    xs, ys = [], []
-    for s in samples:
-        for inst, crop in true_nucleus_crops(s, scale, config):
-            target = extract(inst.cell.astype(np.uint8), crop.window)
-            xs.append(crop.pixels)
-            ys.append(fit_to_input(target, crop.fit.size, cv2.INTER_NEAREST)[0])
-    if not xs:
-        raise InputError(f"cytoplasm training at scale {scale}: no labelled cells")
-    return Arrays(np.stack(xs), np.stack(ys))
-
-
-def epoch_indices(n: int, epoch: int, rank: int, world: int, seed: int = 0) -> np.ndarray:
-    """This worker's share of one epoch: a fresh permutation, split without overlap.
-
-    Every worker gets the same count (DDP steps in lockstep); the n % world samples left
-    over differ from epoch to epoch, so none is left out for good.
-    """
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    per = n // world
-    if per == 0:
-        raise InputError(f"{n} training samples cannot be shared by {world} workers")
-    return order[rank * per:(rank + 1) * per]
