@@ -16,15 +16,13 @@ import numpy as np
 
 from segpc.config import Config
 from segpc.evaluation.metrics import evaluate
-from segpc.io.imaging import equalize
 from segpc.io.segpc_format import Sample
-from segpc.method.aggregate import next_scale, runs_every_scale
-from segpc.method.crops import clip_box, crop_window, paste
-from segpc.method.cytoplasm import candidate_from_probability, crop_from, gather_inputs
+from segpc.method.crops import paste
+from segpc.method.cytoplasm import candidate_from_probability, gather_inputs
 from segpc.method.nucleus import Nuclei, find_nuclei
 from segpc.method.results import ImageResult
 from segpc.method.segmenter import Segmenter
-from segpc.method.steps import ImageState, finish, prepare, run_cells, run_nucleus, take_candidates
+from segpc.method.steps import prepare, run_nucleus
 from segpc.training.data import nucleus_labels, true_nucleus_crops
 
 TRUE_NUCLEI = "true nuclei"
@@ -122,32 +120,8 @@ def true_nuclei(sample: Sample) -> Nuclei:
 
 
 def segment_around_truth(segmenter: Segmenter, samples: list[Sample]) -> list[ImageResult]:
-    """Stage 2 and the aggregation of ``segmenter`` around each sample's true nuclei.
-
-    What ``steps.find`` does after its U-Net, with the truth's nuclei: each nucleus's largest
-    window cut once, and its first crop queued (the segmenter has no entry point for given
-    nuclei yet, so this mirrors that step)."""
-    cfg = segmenter.config
-    states = []
-    for s in samples:
-        st = ImageState(s.image.shape[:2], s.image)
-        st.nuclei = true_nuclei(s)
-        source = equalize(s.image) if cfg.cytoplasm.equalize else s.image
-        first = cfg.cytoplasm.scales[0] if runs_every_scale(cfg.aggregation) else \
-            next_scale([], cfg.cytoplasm.scales, cfg.aggregation)
-        for i, box in enumerate(st.nuclei.boxes):
-            cy0, cx0, cy1, cx1 = clip_box(crop_window(box, max(cfg.cytoplasm.scales)), st.shape)
-            pixels, origin = source[cy0:cy1, cx0:cx1].copy(), (cy0, cx0)
-            st.patches.append((pixels, origin))
-            window = crop_window(box, first)
-            st.crops[i] = crop_from(pixels, origin, st.nuclei.in_window(i, window), window, first,
-                                    st.shape, cfg.cytoplasm)
-        states.append(st)
-    for scale in cfg.cytoplasm.scales:
-        run_cells(states, scale, segmenter.cell_fn)
-        for st in states:
-            take_candidates(st, scale, cfg)
-    return [finish(st, cfg) for st in states]
+    """Stage 2 and the aggregation of ``segmenter`` around each sample's true nuclei."""
+    return segmenter.segment_batch([s.image for s in samples], [true_nuclei(s) for s in samples])
 
 
 def validate_nucleus(predict: Callable[[np.ndarray], np.ndarray], samples: Iterable[Sample],

@@ -11,6 +11,7 @@ import numpy as np
 
 from segpc.config import Config
 from segpc.method.cytoplasm import gather_inputs
+from segpc.method.nucleus import Nuclei
 from segpc.method.results import ImageResult
 from segpc.method.steps import (CellNet, ImageState, NucleusNet, find, finish, prepare, run_cells,
                                 run_nucleus, take_candidates)
@@ -54,18 +55,20 @@ class Segmenter:
     def segment(self, image: np.ndarray) -> ImageResult:
         return self.segment_batch([image])[0]
 
-    def segment_batch(self, images: list[np.ndarray]) -> list[ImageResult]:
+    def segment_batch(self, images: list[np.ndarray], nuclei: list[Nuclei] | None = None) -> list[ImageResult]:
         """Crops of all nuclei of the batch run together per scale; the cascade sends a
         nucleus to the next scale only while its candidate needs a larger crop."""
-        return [finish(st, self.config) for st in self.run(images)]
+        return [finish(st, self.config) for st in self.run(images, nuclei)]
 
-    def run(self, images: list[np.ndarray]) -> list[ImageState]:
-        """Every step but the aggregation: each image's nuclei and all its candidates."""
+    def run(self, images: list[np.ndarray], nuclei: list[Nuclei] | None = None) -> list[ImageState]:
+        """Every step but the aggregation: each image's nuclei and all its candidates. Given
+        ``nuclei`` (one per image) replace stage 1, to judge stage 2 on its own."""
         cfg = self.config
         states = [prepare(im, cfg, f"image {n}") for n, im in enumerate(images)]
-        run_nucleus(states, self.nucleus_fn)
-        for st in states:
-            find(st, cfg)
+        if nuclei is None:
+            run_nucleus(states, self.nucleus_fn)
+        for n, st in enumerate(states):
+            find(st, cfg, nuclei=None if nuclei is None else nuclei[n])
         for scale in cfg.cytoplasm.scales:
             run_cells(states, scale, self.cell_fn)
             for st in states:

@@ -70,11 +70,13 @@ def run_nucleus(states: list[ImageState], net: NucleusNet) -> None:
         s.nucleus_input = None
 
 
-def find(state: ImageState, config: Config, keep_image: bool = False) -> None:
+def find(state: ImageState, config: Config, keep_image: bool = False, nuclei: Nuclei | None = None) -> None:
     """Stage 1 after its network (CPU): nucleus instances, each nucleus's pixels for its crops,
-    and the crops of the first scale."""
-    state.nuclei = find_nuclei(state.nucleus_prob.astype(np.float32), state.shape, config.nucleus)
-    state.nucleus_prob = None
+    and the crops of the first scale. Given ``nuclei`` (the truth's, when judging stage 2
+    alone) take the place of the U-Net's."""
+    if nuclei is None:
+        nuclei = find_nuclei(state.nucleus_prob.astype(np.float32), state.shape, config.nucleus)
+    state.nuclei, state.nucleus_prob = nuclei, None
     source = equalize(state.image) if config.cytoplasm.equalize else state.image
     largest = max(config.cytoplasm.scales)
     for box in state.nuclei.boxes:
