@@ -279,6 +279,26 @@ def training_dataset(refs: list[SampleRef], stage: str, scale: float | None, cfg
                                                         **common)
 
 
+def measure_diameter(refs: list[SampleRef], cfg: Config) -> dict:
+    """The median diameter of the training nuclei at the U-Net's input (Ray Data tasks read the
+    masks; one number per nucleus comes back)."""
+    import numpy as np
+    import ray.data
+
+    from ray_jobs.common import worker_runtime_env
+    from segpc.training.ingest import NucleusDiameters, ref_rows
+
+    rows = ref_rows([r for r in refs if r.masks])
+    ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), MAX_BLOCKS))
+    d = np.concatenate([b["d"] for b in ds.map_batches(
+        NucleusDiameters(cfg.nucleus.input_size), batch_size=4, num_cpus=DECODE_CPUS, batch_format="numpy",
+        runtime_env=worker_runtime_env() or None).iter_batches(batch_format="numpy")] or [np.zeros(0)])
+    if not d.size:
+        raise InputError("no labelled nucleus in the training split to measure nuclei on")
+    return {"px_at_input": round(float(np.median(d)), 2), "nuclei": int(d.size),
+            "input_size": cfg.nucleus.input_size}
+
+
 def check_decodes(refs: list[SampleRef]) -> None:
     """Every image and mask of ``refs`` decodes and fits (Ray Data tasks, in parallel): the
     validation split is otherwise read only at the end of the first epoch."""
@@ -417,6 +437,14 @@ def _main(args: argparse.Namespace) -> None:
     if not args.final:  # (with --final it is training data, decoded with the rest)
         check_decodes(splits.validation)
     history = dict(bundle.provenance.get("training", {}))
+    diameter = bundle.provenance.get("nucleus_diameter")
+    if any(stage == "nucleus" for stage, _ in stages(args, cfg)):
+        # the splitter's scale for this U-Net: validation uses it from the first epoch on
+        diameter = measure_diameter(splits.train, cfg)
+        cfg.nucleus.diameter = bundle.config.nucleus.diameter = diameter["px_at_input"]
+        print(f"[train] median nucleus diameter: {diameter['px_at_input']:.1f} px at the U-Net's "
+              f"{cfg.nucleus.input_size}x{cfg.nucleus.input_size} input ({diameter['nuclei']} nuclei)",
+              flush=True)
     for stage, scale in stages(args, cfg):
         name = network_name(scale)
         print(f"[train] === {name} ({args.num_workers} worker(s), {'GPU' if args.use_gpu else 'CPU'}, "
@@ -432,6 +460,7 @@ def _main(args: argparse.Namespace) -> None:
                          "use_gpu": args.use_gpu, "seed": args.seed, "equalize": args.equalize,
                          "encoders": encoders, "guidance_jitter": asdict(GuidanceJitter()),
                          "final": args.final, "epochs_from": args.epochs_from, "training": history,
+                         "nucleus_diameter": diameter,
                          "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if args.final:  # nothing was held out: the split run's figures are the estimate
         bundle.provenance["validation"] = {}

@@ -17,6 +17,7 @@ from segpc.evaluation.validation import TRUE_NUCLEI
 from segpc.io.synthetic import write_archive
 from segpc.models import build_cytoplasm_model, build_nucleus_model
 from segpc.models.bundle import load_bundle, new_bundle, read_bundle_meta, save_bundle
+from segpc.training.data import nucleus_diameters
 from segpc.training.splits import list_splits
 
 pytestmark = pytest.mark.ray
@@ -59,6 +60,11 @@ def test_two_worker_training_of_each_stage(ray_local, archive, tmp_path):
     bundle = load_bundle(out)
     cfg = bundle.config
     assert cfg.cytoplasm.equalize and read_bundle_meta(out)["provenance"]["equalize"]
+    # the splitter's scale: the training nuclei's median diameter at the U-Net's input, kept
+    # when only the cytoplasm networks are retrained
+    d = np.concatenate([nucleus_diameters(r, cfg.nucleus.input_size) for r in splits.train])
+    assert cfg.nucleus.diameter == pytest.approx(np.median(d), abs=0.01) != preset("tiny").nucleus.diameter
+    assert read_bundle_meta(out)["provenance"]["nucleus_diameter"]["nuclei"] == len(d)
     # the networks trained (workers start from the seed's weights, as here) ...
     torch.manual_seed(0)
     assert _changed(bundle.nucleus.state_dict(), build_nucleus_model(cfg.nucleus).state_dict()) > 0.9

@@ -24,7 +24,7 @@ from segpc.errors import InputError
 from segpc.io.imaging import decode_image, equalize
 from segpc.io.segpc_format import Sample
 from segpc.io.storage import read_bytes
-from segpc.method.crops import Box, box_or_none, crop_window, extract, fit_to_input
+from segpc.method.crops import Box, box_or_none, crop_window, extract, fit_to_input, plan_fit
 from segpc.method.cytoplasm import CropInput, crop_input
 from segpc.method.instances import Instance
 from segpc.training.guidance import GuidanceJitter, jitter_guidance
@@ -64,17 +64,32 @@ class CellContext:
 def load_sample(ref: SampleRef) -> Sample:
     """Read and decode one image and its masks; every mask must match the image's size."""
     image = decode_image(read_bytes(ref.image_uri), ref.image_uri)
-    instances = []
-    for k, uri in ref.masks:
-        data = np.frombuffer(read_bytes(uri), np.uint8)
-        arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-        if arr is None:
-            raise InputError(f"{uri}: not a readable mask image (empty, truncated or corrupt)")
-        if arr.shape[:2] != image.shape[:2]:
-            raise InputError(f"{uri}: mask is {arr.shape[0]}x{arr.shape[1]} (HxW) but its image is "
-                             f"{image.shape[0]}x{image.shape[1]}")
-        instances.append(Instance.from_segpc_mask(arr, k=k, name=uri))
+    instances = [_read_mask(uri, k, image.shape[:2]) for k, uri in ref.masks]
     return Sample(ref.image_id, ref.image_uri, instances, image)
+
+
+def _read_mask(uri: str, k: int, shape: tuple[int, int] | None) -> Instance:
+    data = np.frombuffer(read_bytes(uri), np.uint8)
+    arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if arr is None:
+        raise InputError(f"{uri}: not a readable mask image (empty, truncated or corrupt)")
+    if shape is not None and arr.shape[:2] != tuple(shape):
+        raise InputError(f"{uri}: mask is {arr.shape[0]}x{arr.shape[1]} (HxW) but its image is "
+                         f"{shape[0]}x{shape[1]}")
+    return Instance.from_segpc_mask(arr, k=k, name=uri)
+
+
+def nucleus_diameters(ref: SampleRef, size: int) -> np.ndarray:
+    """Equivalent diameters of a sample's labelled nuclei, in pixels of the U-Net's input (the
+    image fitted into ``size`` x ``size``): the scale stage 1's splitter is set to. Reads the
+    masks only."""
+    out = []
+    for k, uri in ref.masks:
+        nucleus = _read_mask(uri, k, None).nucleus
+        area = int(nucleus.sum())
+        if area:
+            out.append(2 * np.sqrt(area / np.pi) * plan_fit(*nucleus.shape, size).factor)
+    return np.array(out, np.float64)
 
 
 def nucleus_labels(sample: Sample) -> np.ndarray:

@@ -15,7 +15,8 @@ import numpy as np
 
 from segpc.config import Config
 from segpc.training.augment import augment
-from segpc.training.data import CellContext, cell_contexts, cell_example, load_sample, nucleus_example
+from segpc.training.data import (CellContext, cell_contexts, cell_example, load_sample, nucleus_diameters,
+                                 nucleus_example)
 from segpc.training.guidance import GuidanceJitter
 from segpc.training.splits import SampleRef
 
@@ -37,6 +38,17 @@ def decodes(batch: dict) -> dict:
     for _, ref in _refs(batch):
         load_sample(ref)
     return {"index": batch["index"]}
+
+
+class NucleusDiameters:
+    """Image refs -> one row per labelled nucleus: its diameter ``d`` at the U-Net's input."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, batch: dict) -> dict:
+        return {"d": np.concatenate([nucleus_diameters(ref, self.size) for _, ref in _refs(batch)] or
+                                    [np.zeros(0)])}
 
 
 class NucleusExamples:
