@@ -70,7 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--equalize", action="store_true",
                    help="per-channel histogram equalisation of the cytoplasm crops (training and inference)")
     p.add_argument("--encoder-weights", default=None, metavar="imagenet|PATH|s3://URI",
-                   help="starting weights of both stages' encoders (default: random)")
+                   help="starting weights of both stages' encoders (default: random); a file fits one "
+                        "encoder, so for the paper preset's two give one per stage:")
+    p.add_argument("--nucleus-encoder-weights", default=None, metavar="imagenet|PATH|s3://URI",
+                   help="the U-Net encoder's starting weights (default: --encoder-weights)")
+    p.add_argument("--cytoplasm-encoder-weights", default=None, metavar="imagenet|PATH|s3://URI",
+                   help="the Attention DeepLabv3+ encoders' starting weights (default: --encoder-weights)")
     p.add_argument("--batch-size", type=int, default=None, help="per worker; default 8")
     p.add_argument("--lr", type=float, default=None,
                    help="Adam learning rate, cosine decay; default 1e-3 (tiny, from scratch), 1e-4 (paper)")
@@ -148,10 +153,10 @@ def check_inputs(args: argparse.Namespace, cfg: Config) -> tuple[Splits, dict[st
     print(f"[train] data: {len(train)} training images ({n_cells} cells), "
           f"{0 if args.final else len(splits.validation)} validation images"
           f"{' (--final: validation split trained on)' if args.final else ''}", flush=True)
-    if args.encoder_weights not in (None, "imagenet"):
-        check_weights_file(args.encoder_weights)
-    encoders = {"nucleus": encoder_provenance(args.encoder_weights, cfg.nucleus.encoder),
-                "cytoplasm": encoder_provenance(args.encoder_weights, cfg.cytoplasm.encoder)}
+    for weights in {encoder_weights(args, stage) for stage, _ in stages(args, cfg)} - {None, "imagenet"}:
+        check_weights_file(weights)
+    encoders = {"nucleus": encoder_provenance(encoder_weights(args, "nucleus"), cfg.nucleus.encoder),
+                "cytoplasm": encoder_provenance(encoder_weights(args, "cytoplasm"), cfg.cytoplasm.encoder)}
     fs, root = filesystem(args.out)
     try:
         fs.makedirs(root, exist_ok=True)
@@ -166,6 +171,11 @@ def check_inputs(args: argparse.Namespace, cfg: Config) -> tuple[Splits, dict[st
             raise InputError(f"--use-gpu with {args.num_workers} worker(s) needs as many GPUs; the "
                              f"Ray cluster has {gpus:g} (pass --autoscale on an autoscaling cluster)")
     return splits, epochs, encoders
+
+
+def encoder_weights(args: argparse.Namespace, stage: str) -> str | None:
+    """The starting weights of ``stage``'s encoder: its own flag, else --encoder-weights."""
+    return getattr(args, f"{stage}_encoder_weights") or args.encoder_weights
 
 
 def check_weights_file(uri: str) -> None:
@@ -363,7 +373,7 @@ def run_stage(args: argparse.Namespace, cfg: Config, splits: Splits, stage: str,
         train_loop_config={"config": cfg.to_dict(), "stage": stage, "scale": scale, "epochs": epochs,
                            "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                            "threads": threads, "name": name, "amp": args.use_gpu,
-                           "encoder_weights": args.encoder_weights,
+                           "encoder_weights": encoder_weights(args, stage),
                            "validation": [] if args.final else [r.to_json() for r in splits.validation],
                            # test-only fault hook (ray_jobs/faults.py): fail once after this epoch
                            "fail_after_epoch": fault_at("epoch")},
