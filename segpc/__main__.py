@@ -1,4 +1,4 @@
-"""Command line of the library: ``python -m segpc {synth,evaluate,submission,segment}``."""
+"""Command line of the library: ``python -m segpc {synth,evaluate,submission,segment,calibrate,export-encoder}``."""
 
 from __future__ import annotations
 
@@ -38,6 +38,28 @@ def _submission(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}", file=sys.stderr)
 
 
+def _calibrate(args: argparse.Namespace) -> None:
+    from segpc.evaluation.calibration import (calibrate, check_destination, format_table,
+                                              labelled_split, write_calibrated)
+    from segpc.method.segmenter import Segmenter
+
+    check_destination(args.bundle, args.out)
+    segmenter = Segmenter.from_bundle(args.bundle, device=args.device)
+    samples, slides = labelled_split(args.data)
+    chosen, report = calibrate(segmenter, samples, budget=args.budget, slides=slides,
+                               data=args.data, tolerance=args.tolerance, top=args.top)
+    print(format_table(report))
+    print(json.dumps({k: report[k] for k in ("chosen", "default", "budget", "guard", "separation")}))
+    where = write_calibrated(args.bundle, chosen, report, args.out)
+    print(f"wrote the calibrated settings to {where}/bundle.json", file=sys.stderr)
+
+
+def _export_encoder(args: argparse.Namespace) -> None:
+    from segpc.models.encoders import export_encoder
+
+    print(json.dumps(export_encoder(args.encoder, args.out, args.weights)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m segpc", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -67,6 +89,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overlays", action="store_true", help="also write QC overlays (PNG)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     g.set_defaults(func=_segment)
+
+    c = sub.add_parser("calibrate", help="choose the aggregation thresholds on labelled images")
+    c.add_argument("--bundle", required=True, help="model bundle folder or s3:// URI")
+    c.add_argument("--data", required=True, help="a labelled SegPC split root (x/, y/)")
+    c.add_argument("--out", default=None,
+                   help="write a calibrated copy of the bundle here (default: update it in place)")
+    c.add_argument("--budget", type=float, default=None,
+                   help="most cytoplasm inferences per detected nucleus (default: no more than "
+                        "the bundle's current setting takes on this data)")
+    c.add_argument("--tolerance", type=float, default=0.0,
+                   help="official mIoU and strict recall a setting may lose against the current "
+                        "one and still be chosen (default 0: neither may fall)")
+    c.add_argument("--top", type=int, default=15, help="rows of the table to print and keep")
+    c.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    c.set_defaults(func=_calibrate)
+
+    x = sub.add_parser("export-encoder",
+                       help="write an encoder's ImageNet weights as a safetensors file, for "
+                            "training where nothing can be downloaded (--encoder-weights FILE)")
+    x.add_argument("--encoder", required=True, help="encoder name, as in the config (resnet34, tu-xception65)")
+    x.add_argument("--weights", default="imagenet", choices=["imagenet"],
+                   help="the libraries' weights to export")
+    x.add_argument("--out", required=True, help="FILE.safetensors to write (local path or s3:// URI)")
+    x.set_defaults(func=_export_encoder)
     return p
 
 
