@@ -25,7 +25,7 @@ import re
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from ray_jobs.faults import fault_at
@@ -472,16 +472,35 @@ def _main(args: argparse.Namespace) -> None:
                          "final": args.final, "epochs_from": args.epochs_from, "training": history,
                          "nucleus_diameter": diameter,
                          "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    if args.final:  # nothing was held out: the split run's figures are the estimate
+    if args.final:  # nothing was held out: the split run's figures and calibration carry over
         bundle.provenance["validation"] = {}
+        carry_calibration(args, bundle)
     else:
-        bundle.provenance["validation"] = validate_bundle(args, bundle, splits)
-        bundle.provenance["true_nuclei_gap"] = true_nuclei_gap(bundle.provenance["validation"],
-                                                               bundle.config.aggregation.mode)
+        rules, calibration = validate_bundle(args, bundle, splits)
+        bundle.provenance["validation"] = rules
+        bundle.provenance["true_nuclei_gap"] = true_nuclei_gap(rules, bundle.config.aggregation.mode)
+        bundle.config.aggregation = replace(bundle.config.aggregation, **calibration["chosen"]["setting"])
+        bundle.provenance["calibration"] = calibration
+        was, now = calibration["default"]["scores"], calibration["chosen"]["scores"]
+        print(f"[train] calibrated on the validation split: {calibration['chosen']['setting']} "
+              f"(strict F1 {was['f1']} -> {now['f1']}, mIoU {was['miou']} -> {now['miou']})", flush=True)
     save_bundle(bundle, args.out)
     print(f"[train] bundle written to {args.out} in {time.time() - t0:.0f}s", flush=True)
     print(json.dumps({k: bundle.provenance.get(k) for k in ("validation", "true_nuclei_gap")}, indent=2),
           flush=True)
+
+
+def carry_calibration(args: argparse.Namespace, bundle: Bundle) -> None:
+    """With --final there is no split left to calibrate on: take the aggregation settings the
+    --epochs-from bundle was calibrated to, if it is a calibrated bundle."""
+    try:
+        meta = read_bundle_meta(args.epochs_from) if args.epochs_from else None
+    except InputError:  # a checkpoints folder
+        meta = None
+    if meta and "calibration" in meta.get("provenance", {}):
+        bundle.config.aggregation = Config.from_dict(meta["config"]).aggregation
+        bundle.provenance["calibration"] = {"from": args.epochs_from, **meta["provenance"]["calibration"]}
+        print(f"[train] aggregation settings calibrated on the split, from {args.epochs_from}", flush=True)
 
 
 def true_nuclei_gap(validation: dict, mode: str) -> dict:
@@ -493,9 +512,9 @@ def true_nuclei_gap(validation: dict, mode: str) -> dict:
     return {k: round((truth[k] or 0) - (rule[k] or 0), 4) for k in ("f1", "miou")}
 
 
-def validate_bundle(args: argparse.Namespace, bundle: Bundle, splits: Splits) -> dict:
-    """End-to-end validation of the bundle: each scale alone, the rules, and its rule around
-    the true nuclei."""
+def validate_bundle(args: argparse.Namespace, bundle: Bundle, splits: Splits) -> tuple[dict, dict]:
+    """End-to-end validation of the bundle (each scale alone, the rules, its rule around the
+    true nuclei) and its calibration on the validation split."""
     import ray
 
     from ray_jobs.common import worker_runtime_env
@@ -506,7 +525,7 @@ def validate_bundle(args: argparse.Namespace, bundle: Bundle, splits: Splits) ->
         task = ray.remote(num_cpus=1, num_gpus=1 if args.use_gpu else 0,
                           runtime_env=worker_runtime_env())(evaluate_bundle_task)
         files = {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
-        return ray.get(task.remote(files, [r.to_json() for r in splits.validation]))
+        return ray.get(task.remote(files, [r.to_json() for r in splits.validation], splits.slides, args.data))
 
 
 if __name__ == "__main__":

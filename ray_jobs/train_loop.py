@@ -141,9 +141,12 @@ def _all_reduce(stats: dict, world: int, device: torch.device) -> dict:
     return {"loss": float(t[0] / max(t[1], 1)), "samples": int(t[1]), "samples_per_s": float(t[2])}
 
 
-def evaluate_bundle_task(files: dict[str, bytes], validation: list[str]) -> dict:
+def evaluate_bundle_task(files: dict[str, bytes], validation: list[str], slides: dict[str, str],
+                         data: str) -> tuple[dict, dict]:
     """Ray task: the bundle (as file bytes) scored on the validation split, rule by rule, and
-    its rule around the true nuclei (images read one batch at a time)."""
+    its rule around the true nuclei; then its aggregation calibrated on the same split
+    (segpc.evaluation.calibration). Images are read one batch at a time."""
+    from segpc.evaluation.calibration import calibrate
     from segpc.evaluation.validation import compare_rules
     from segpc.method.segmenter import Segmenter
     from segpc.training.data import load_sample
@@ -152,5 +155,7 @@ def evaluate_bundle_task(files: dict[str, bytes], validation: list[str]) -> dict
         for name, blob in files.items():
             Path(tmp, name).write_bytes(blob)
         segmenter = Segmenter.from_bundle(tmp)
-    samples = (load_sample(SampleRef.from_json(r)) for r in validation)
-    return compare_rules(segmenter, samples, true_nuclei=True)
+    samples = lambda: (load_sample(SampleRef.from_json(r)) for r in validation)  # noqa: E731
+    rules = compare_rules(segmenter, samples(), true_nuclei=True)
+    _, calibration = calibrate(segmenter, samples(), slides=slides, data=f"{data} (validation split)")
+    return rules, calibration

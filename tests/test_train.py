@@ -80,6 +80,11 @@ def test_two_worker_training_of_each_stage(ray_local, archive, tmp_path):
     assert validation["keep-all"]["cytoplasm_inferences"] == 4 * found
     assert validation["scale 0.5"]["cytoplasm_inferences"] == found
     assert validation[TRUE_NUCLEI]["n_nuclei"] == validation[TRUE_NUCLEI]["n_truth"] == n_val_cells
+    # calibrated on the validation split at the end: the bundle holds the chosen setting
+    calibration = read_bundle_meta(out)["provenance"]["calibration"]
+    assert calibration["images"] == len(splits.validation) and calibration["truth_cells"] == n_val_cells
+    assert {k: getattr(cfg.aggregation, k) for k in calibration["chosen"]["setting"]} == \
+        calibration["chosen"]["setting"]
     gap = read_bundle_meta(out)["provenance"]["true_nuclei_gap"]
     assert gap["f1"] == pytest.approx(validation[TRUE_NUCLEI]["f1"] - validation["cascade"]["f1"], abs=1e-4)
 
