@@ -164,7 +164,7 @@ def run(path: str, workers: int, args: argparse.Namespace, cfg: Config, refs: li
         _loop,
         train_loop_config={"path": path, "stage": args.stage, "scale": scale, "config": cfg.to_dict(),
                            "epochs": args.epochs, "batch_size": args.batch_size,
-                           "threads": max(1, int(cpus // workers)), "refs": [r.to_json() for r in refs],
+                           "threads": max(1, int((cpus - 1) // workers)) if path == "ray-data" else max(1, int(cpus // workers)), "refs": [r.to_json() for r in refs],
                            "out": str(storage / f"{path}-{workers}.json")},
         datasets=datasets,
         scaling_config=ray.train.ScalingConfig(

@@ -38,9 +38,11 @@ from segpc.training.splits import SampleRef, Splits
 
 # Ray Data's share of the CPUs: decoding runs before the workers start, a CPU a task (and as
 # few task processes as CPUs: each imports the libraries); the per-epoch tasks run beside
-# the workers, in slices small enough that a 2-core machine still trains (see run_stage).
-DECODE_CPUS, AUGMENT_CPUS, DATA_HEADROOM = 1.0, 0.25, 0.5
+# the workers, which leave them a whole CPU: with half of one, two workers on 2 cores waited
+# for their batches and trained at a third of the speed (benchmarks/train_ingest.py).
+DECODE_CPUS, AUGMENT_CPUS, DATA_HEADROOM = 1.0, 0.25, 1.0
 MAX_BLOCKS = 2000  # one image a block (fine-grained block-order shuffling) up to this many
+EPOCH_BATCH = 32  # examples a per-epoch task jitters, crops and augments: 8 cost 2x in task overhead
 _INPUT_ERROR = re.compile(r"segpc\.errors\.InputError: (.+)")
 
 
@@ -285,7 +287,7 @@ def training_dataset(refs: list[SampleRef], stage: str, scale: float | None, cfg
         raise bad from None
     if examples.count() == 0:
         raise InputError(f"{network_name(scale)}: no training examples (no labelled cells)")
-    return examples.randomize_block_order().map_batches(per_epoch, batch_size=8, num_cpus=AUGMENT_CPUS,
+    return examples.randomize_block_order().map_batches(per_epoch, batch_size=EPOCH_BATCH, num_cpus=AUGMENT_CPUS,
                                                         **common)
 
 
@@ -365,7 +367,9 @@ def run_stage(args: argparse.Namespace, cfg: Config, splits: Splits, stage: str,
     train_refs = splits.train + (splits.validation if args.final else [])
     dataset = training_dataset(train_refs, stage, scale, cfg)
     cluster = min(_cluster_cpus(), os.cpu_count() or 1)
-    threads = max(1, int(cluster // args.num_workers))
+    # one CPU left to Ray Data's per-epoch tasks: a worker whose torch threads take every core
+    # starves them, and waits for its next batch (2.6x slower measured on 2 cores)
+    threads = max(1, int((cluster - 1) // args.num_workers))
     # a worker's CPU claim leaves Ray Data room for the per-epoch tasks beside it
     worker_cpus = max(0.25, min(1.0, (_cluster_cpus() - DATA_HEADROOM) / args.num_workers))
     trainer = TorchTrainer(
