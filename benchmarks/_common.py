@@ -34,29 +34,48 @@ def slide_folders(work: Path, n_images: int, n_slides: int, seed: int, size: str
     return archive, folders
 
 
-def _children(pid: int) -> set[int]:
-    kids = set()
+def single_process(folder: Path, bundle: str, out: str, device: str = "cpu", batch: int = 8,
+                   segpc_masks: bool = False) -> float:
+    """Seconds for one process to segment and write every image under ``folder`` (model load
+    included): the baseline the Ray job is compared with."""
+    from segpc.io.imaging import read_image
+    from segpc.io.inputs import list_inputs
+    from segpc.io.outputs import ImageRecord, OutputWriter
+    from segpc.method.segmenter import Segmenter
+
+    t0 = time.perf_counter()
+    seg = Segmenter.from_bundle(bundle, device=device)
+    writer = OutputWriter(out, segpc_masks=segpc_masks)
+    items = list_inputs(str(folder))
+    for i in range(0, len(items), batch):
+        chunk = items[i:i + batch]
+        images = [read_image(it.uri) for it in chunk]
+        results = seg.segment_batch(images)
+        writer.write([ImageRecord(it, "ok", "", im.shape[1], im.shape[0], 0.0, r)
+                      for it, im, r in zip(chunk, images, results)])
+    return time.perf_counter() - t0
+
+
+def process_tree(root: int) -> set[int]:
+    """``root`` and every process it started, transitively: this benchmark's Ray, not another's."""
+    children: dict[int, list[int]] = {}
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
                 ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
             except (OSError, IndexError, ValueError):
                 continue
-            if ppid == pid:
-                kids.add(int(d.name))
-    return kids
-
-
-def _tree(pid: int) -> set[int]:
-    seen, todo = set(), {pid}
+            children.setdefault(ppid, []).append(int(d.name))
+    seen, todo = {root}, [root]
     while todo:
-        p = todo.pop()
-        seen.add(p)
-        todo |= _children(p) - seen
+        for kid in children.get(todo.pop(), []):
+            if kid not in seen:
+                seen.add(kid)
+                todo.append(kid)
     return seen
 
 
-def _pss_kib(pid: int) -> int:
+def pss_kib(pid: int) -> int:
     try:
         for line in (Path("/proc") / str(pid) / "smaps_rollup").read_text().splitlines():
             if line.startswith("Pss:"):
@@ -79,7 +98,7 @@ def run_sampled(cmd: list[str], env: dict | None = None, every_s: float = 0.2,
 
     def sample() -> None:
         while proc.poll() is None:
-            samples.append((time.time() - t0, sum(_pss_kib(p) for p in _tree(proc.pid)) / 1024))
+            samples.append((time.time() - t0, sum(pss_kib(p) for p in process_tree(proc.pid)) / 1024))
             time.sleep(every_s)
 
     thread = threading.Thread(target=sample)

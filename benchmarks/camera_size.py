@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _common import single_process  # noqa: E402
 from segpc.config import preset  # noqa: E402
 from segpc.io.imaging import read_image, write_image  # noqa: E402
 from segpc.io.inputs import InputImage  # noqa: E402
@@ -189,23 +190,11 @@ def ray_vs_single(folder: Path, bundle: str, work: Path, n: int, device: str) ->
     """The Ray job and the single process over the same folder; both write the same outputs."""
     from ray_jobs.segment import parse_args
     from ray_jobs.segment import run as segment_run
-    from segpc.io.inputs import list_inputs
-    from segpc.method.segmenter import Segmenter
 
     torch.set_num_threads(torch.get_num_interop_threads())
-    t0 = time.perf_counter()
-    seg = Segmenter.from_bundle(bundle, device=device)
-    writer = OutputWriter(str(work / "single"))
-    items = list_inputs(str(folder))
-    batch = 16 if device.startswith("cuda") else 4
     with GPUBusy(device) as busy_single:
-        for i in range(0, len(items), batch):
-            chunk = items[i:i + batch]
-            images = [read_image(it.uri) for it in chunk]
-            results = seg.segment_batch(images)
-            writer.write([ImageRecord(it, "ok", "", im.shape[1], im.shape[0], 0.0, r)
-                          for it, im, r in zip(chunk, images, results)])
-    t_single = time.perf_counter() - t0
+        t_single = single_process(folder, bundle, str(work / "single"), device,
+                                  batch=16 if device.startswith("cuda") else 4)
     t0 = time.perf_counter()
     with GPUBusy(device) as busy_ray:
         summary = segment_run(parse_args(["--input", str(folder), "--output", str(work / "ray"),

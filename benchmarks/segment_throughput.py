@@ -17,29 +17,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import job_parser, slide_folders
+from _common import job_parser, single_process, slide_folders
 
 from ray_jobs.segment import parse_args
 from ray_jobs.segment import run as segment_run
-from segpc.io.imaging import read_image
-from segpc.io.inputs import list_inputs
 from segpc.io.segpc_format import evaluate_folders
-from segpc.io.outputs import ImageRecord, OutputWriter, read_table
-from segpc.method.segmenter import Segmenter
-
-
-def single_process(folder: Path, bundle: str, out: str, batch: int = 8) -> float:
-    t0 = time.perf_counter()
-    seg = Segmenter.from_bundle(bundle, device="cpu")
-    writer = OutputWriter(out, segpc_masks=True)
-    items = list_inputs(str(folder))
-    for i in range(0, len(items), batch):
-        chunk = items[i:i + batch]
-        images = [read_image(it.uri) for it in chunk]
-        results = seg.segment_batch(images)
-        writer.write([ImageRecord(it, "ok", "", im.shape[1], im.shape[0], 0.0, r)
-                      for it, im, r in zip(chunk, images, results)])
-    return time.perf_counter() - t0
+from segpc.io.outputs import read_table
 
 
 def main() -> int:
@@ -48,7 +31,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="segpc-tput-"))
     archive, folder = slide_folders(work, args.images, 4, seed=21, size=args.size)
 
-    t_single = single_process(folder, args.bundle, str(work / "single"))
+    t_single = single_process(folder, args.bundle, str(work / "single"), segpc_masks=True)
     t0 = time.perf_counter()
     summary = segment_run(parse_args(["--input", str(folder), "--output", str(work / "ray"), "--bundle",
                                       args.bundle, "--segpc-masks", "--progress-every", "1000"]))

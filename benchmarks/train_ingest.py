@@ -31,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _common import process_tree, pss_kib  # noqa: E402
 from segpc.config import Config, preset  # noqa: E402
 from segpc.io.synthetic import write_archive  # noqa: E402
 from segpc.training.splits import SampleRef, list_splits  # noqa: E402
@@ -85,36 +86,6 @@ def _loop(c: dict) -> None:
         Path(c["out"]).write_text(json.dumps(rates))
 
 
-def _pss_mib(proc: Path) -> float:
-    try:
-        for line in (proc / "smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
-def _descendants(root: int) -> set[int]:
-    """Processes started (transitively) by ``root``: this benchmark's Ray, not another's."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = set(), [root]
-    while todo:
-        pid = todo.pop()
-        for kid in children.get(pid, []):
-            if kid not in out:
-                out.add(kid)
-                todo.append(kid)
-    return out
-
-
 class PeakPss:
     """Peak PSS (MiB) of each of this process's descendants whose title starts with one of
     ``prefixes``, sampled every ``every_s``."""
@@ -135,7 +106,7 @@ class PeakPss:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            for pid in _descendants(os.getpid()):
+            for pid in process_tree(os.getpid()) - {os.getpid()}:
                 d = Path("/proc") / str(pid)
                 try:
                     title = (d / "cmdline").read_bytes().split(b"\0", 1)[0].decode(errors="replace")
@@ -143,7 +114,7 @@ class PeakPss:
                     continue
                 kind = next((p for p in self.prefixes if title.startswith(p)), None)
                 if kind:
-                    self.peaks[(kind, pid)] = max(self.peaks.get((kind, pid), 0.0), _pss_mib(d))
+                    self.peaks[(kind, pid)] = max(self.peaks.get((kind, pid), 0.0), pss_kib(pid) / 1024)
             self._stop.wait(self.every_s)
 
     def by_kind(self, kind: str) -> list[float]:
