@@ -18,7 +18,7 @@ With C = ``aspp_channels`` (256 published), the network is, in order:
 - DeepLabv3+ decoder: upsample to stride 4, concatenate the stride-4 encoder features
   projected to ``low_level_channels`` (48) by 1x1 conv, BN, ReLU; two 3x3 separable convs
   (C, BN and ReLU after the depthwise and after the pointwise part);
-- head at stride 4: two 3x3 conv (C/4, 64 published, ReLU) -> 3x3 conv (2, ReLU) -> 1x1
+- head at stride 4: two 3x3 conv (C/4, 64 published, ReLU) -> 3x3 conv (2) -> 1x1
   conv to one logit (the whole cell; the published net ends in a sigmoid here, we keep
   logits for the loss), upsampled bilinearly to the input size.
 
@@ -30,7 +30,12 @@ Differences from the published code, kept on purpose: bilinear resizing uses
 averages globally (the Keras code pools with a window of the map's size, the same for the
 square crops it was built for); the encoder is any smp/timm encoder (the paper preset's
 timm ``xception65`` has the published Xception-65's layers and parameter count, but its
-pretrained weights are ImageNet's, not the published PASCAL VOC DeepLab's).
+pretrained weights are ImageNet's, not the published PASCAL VOC DeepLab's); and the
+head's 2-channel 3x3 convolution has no ReLU (the published one has): two ReLU units
+between the network and its one output die easily, and then nothing learns. Measured on
+the tiny preset (scale 1.75, 60 synthetic training images, clean guidance, crop IoU on a
+held-out slide): with the ReLU 0.000 after 9 epochs and 0.787 after 15, without it 0.716
+after 3 and 0.882 after 15. Same parameters, so the parameter count is the published one.
 """
 
 from __future__ import annotations
@@ -168,9 +173,10 @@ class AttentionDeepLabV3Plus(nn.Module):
         self.low_level = _conv_bn_relu(enc[2], low_level_channels)
         self.decoder = nn.Sequential(_separable(c + low_level_channels, c), _separable(c, c))
         head = max(c // 4, 1)
-        # The published head narrows to 2 ReLU channels before the 1x1 output; kept as is.
+        # The published head narrows to 2 channels before the 1x1 output; without their ReLU
+        # (see the module docstring: two ReLU units there die and stall training).
         self.head = nn.Sequential(
-            _he_init(nn.Sequential(_conv_relu(c, head), _conv_relu(head, head), _conv_relu(head, 2))),
+            _he_init(nn.Sequential(_conv_relu(c, head), _conv_relu(head, head), nn.Conv2d(head, 2, 3, padding=1))),
             nn.Conv2d(2, 1, kernel_size=1),
         )
 
