@@ -12,7 +12,8 @@ validate + fit the U-Net's input (CPU tasks) -> then, on GPU clusters, network-o
 with CPU stages between them: nucleus U-Net (GPU) -> nucleus instances and first crops (CPU)
 -> per scale: its Attention DeepLabv3+ (GPU) -> candidates and the crops the cascade needs
 next (CPU) -> aggregation, label masks and writes (CPU actors). On CPU-only clusters one
-actor pool runs every step of an image (--fuse). Each image's crops travel with its row.
+actor pool runs every step of an image, reading included (--fuse). Each image's crops
+travel with its row.
 """
 
 from __future__ import annotations
@@ -127,16 +128,17 @@ def build_pipeline(items: list, args: argparse.Namespace, plan: Plan, config):
     else:
         ds = ray.data.from_items([{"uri": it.uri, "image_id": it.image_id, "slide_id": it.slide_id}
                                   for it in items], override_num_blocks=max(1, min(len(items) // 4, 1000)))
+    writer = {"output": args.output, "segpc_masks": args.segpc_masks, "overlays": args.overlays}
+    if plan.fuse:  # CPU cluster: each actor runs every step of its images, reading included,
+        # so no decoded image crosses the object store
+        return ds.map_batches(Segment, fn_constructor_kwargs={
+                                  "bundle_uri": args.bundle, "threads": plan.threads, "rule": rule,
+                                  "batch_size": plan.batch_size, "max_pixels": args.max_pixels, **writer},
+                              compute=ray.data.ActorPoolStrategy(size=plan.segment_actors),
+                              num_cpus=plan.actor_cpus, **common)
     ds = ds.map_batches(read_decode, fn_kwargs={"max_pixels": args.max_pixels, "config": cfg},
                         compute=ray.data.TaskPoolStrategy(size=plan.read_tasks), num_cpus=plan.task_cpus,
                         **{**common, "batch_size": 4})
-    writer = {"output": args.output, "segpc_masks": args.segpc_masks, "overlays": args.overlays}
-    if plan.fuse:  # CPU cluster: each actor runs every step of its images
-        return ds.map_batches(Segment, fn_constructor_kwargs={
-                                  "bundle_uri": args.bundle, "threads": plan.threads, "rule": rule,
-                                  "batch_size": plan.batch_size, **writer},
-                              compute=ray.data.ActorPoolStrategy(size=plan.segment_actors),
-                              num_cpus=plan.actor_cpus, **common)
     model = {"bundle_uri": args.bundle, "threads": plan.threads, "rule": rule}
     ds = ds.map_batches(NucleusNet, fn_constructor_kwargs={**model, "batch_size": plan.batch_size},
                         compute=ray.data.ActorPoolStrategy(size=plan.nucleus_actors),

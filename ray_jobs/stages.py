@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,28 +82,30 @@ def read_decode(batch: dict, max_pixels: int | None, config: dict) -> dict:
             "height": np.array(height), "seconds": np.array(seconds), "work": object_column(work)}
 
 
-def find_nuclei(batch: dict, config: dict, keep_image: bool) -> dict:
-    """Stage 1 after the U-Net: nucleus instances and the first crops."""
+def _each_image(batch: dict, config: dict, step: Callable) -> dict:
+    """``step(state, config)`` on each image of the batch that is still being worked on; the
+    time is charged to them."""
     from segpc.config import Config
-    from segpc.method.steps import find
 
     cfg, t0 = Config.from_dict(config), time.perf_counter()
     for st in _states(batch):
-        find(st, cfg, keep_image)
+        step(st, cfg)
     _charge(batch, time.perf_counter() - t0)
     return batch
+
+
+def find_nuclei(batch: dict, config: dict, keep_image: bool) -> dict:
+    """Stage 1 after the U-Net: nucleus instances and the first crops."""
+    from segpc.method.steps import find
+
+    return _each_image(batch, config, lambda st, cfg: find(st, cfg, keep_image))
 
 
 def take_candidates(batch: dict, scale: float, config: dict) -> dict:
     """After one scale's network: its candidates and the crops each nucleus needs next."""
-    from segpc.config import Config
     from segpc.method.steps import take_candidates as take
 
-    cfg, t0 = Config.from_dict(config), time.perf_counter()
-    for st in _states(batch):
-        take(st, scale, cfg)
-    _charge(batch, time.perf_counter() - t0)
-    return batch
+    return _each_image(batch, config, lambda st, cfg: take(st, scale, cfg))
 
 
 # ----------------------------------------------------------------------------- actors
@@ -180,22 +183,25 @@ class CellNet(_Networks):
 
 
 class Segment(_Networks):
-    """CPU actor (CPU-only clusters): every step of an image, networks included, then the
-    aggregation and the writes of the batch."""
+    """CPU actor (CPU-only clusters): every step of an image, from reading and decoding,
+    networks included, to the aggregation and the writes of the batch. Decoding here and not
+    in a task keeps each camera image (10-15 MB) out of the object store: at camera size the
+    round trip cost as much CPU as segmenting."""
 
     def __init__(self, bundle_uri: str, threads: int, rule: str, batch_size: int, output: str,
-                 segpc_masks: bool, overlays: bool):
+                 segpc_masks: bool, overlays: bool, max_pixels: int | None = None):
         from segpc.method.segmenter import Segmenter, cell_net, nucleus_net
 
         self._load(bundle_uri, threads, None, True, rule)
         self.segmenter = Segmenter(self.config, nucleus_net(self.bundle, "cpu", batch_size),
                                    cell_net(self.bundle, "cpu", batch_size * 4))
-        self.keep_image = overlays
+        self.keep_image, self.max_pixels = overlays, max_pixels
         self.write = Finalize(self.config.to_dict(), output, segpc_masks, overlays, rule)
 
     def __call__(self, batch: dict) -> dict:
         from segpc.method.steps import find, run_cells, run_nucleus, take_candidates
 
+        batch = read_decode(batch, self.max_pixels, self.config.to_dict())
         cfg, states = self.config, _states(batch)
         t0 = time.perf_counter()
         maybe_die("nucleus")
