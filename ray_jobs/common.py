@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pyarrow.fs as pafs
@@ -11,6 +12,7 @@ def init_ray(num_cpus: int | None = None) -> None:
     """Join the cluster when there is one (``ray job submit``, RAY_ADDRESS), else start locally."""
     import ray
 
+    quiet_ray_data()
     if ray.is_initialized():
         return
     # One copy of each worker print (Ray Train would otherwise also re-log it).
@@ -19,6 +21,20 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(**env)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, **env)
+
+
+def quiet_ray_data() -> None:
+    """The jobs print their own progress; Ray Data's progress bars, plans and INFO lines go
+    to its log file only (``logs/ray-data.log`` of the Ray session: /tmp/ray/session_latest
+    on the head node). Set in the driver, it reaches the datasets' coordinators too."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler):  # the console, not the session file
+            handler.setLevel(logging.WARNING)
 
 
 def pyarrow_filesystem(uri: str) -> tuple[pafs.FileSystem | None, str]:

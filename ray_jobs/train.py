@@ -388,6 +388,8 @@ def run_stage(args: argparse.Namespace, cfg: Config, splits: Splits, stage: str,
             name=name, storage_path=storage_path, storage_filesystem=storage_fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=args.max_failures),
+            # the epoch lines are the progress; Ray Train's INFO lines go to logs/train/ only
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             worker_runtime_env=worker_runtime_env()),
     )
     try:

@@ -7,6 +7,7 @@ and reports with checkpoints. The model, the steps and the metrics are ``segpc``
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from collections.abc import Iterator
@@ -30,6 +31,9 @@ def train_loop(c: dict) -> None:
     from segpc.training.splits import cached
     from segpc.training.steps import lr_at, train_steps
 
+    # the epoch lines below are the progress: no INFO line per report on the console
+    # (Ray Train's own are filtered by its LoggingConfig; its report logger is not ray.train's)
+    logging.getLogger().setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(int(c["threads"]))
