@@ -196,12 +196,13 @@ class Segment(_Networks):
         self.segmenter = Segmenter(self.config, nucleus_net(self.bundle, "cpu", batch_size),
                                    cell_net(self.bundle, "cpu", batch_size * 4))
         self.keep_image, self.max_pixels = overlays, max_pixels
+        self.decode_config = self.config.to_dict()  # read_decode's argument, built once per actor
         self.write = Finalize(self.config.to_dict(), output, segpc_masks, overlays, rule)
 
     def __call__(self, batch: dict) -> dict:
         from segpc.method.steps import find, run_cells, run_nucleus, take_candidates
 
-        batch = read_decode(batch, self.max_pixels, self.config.to_dict())
+        batch = read_decode(batch, self.max_pixels, self.decode_config)
         cfg, states = self.config, _states(batch)
         t0 = time.perf_counter()
         maybe_die("nucleus")
