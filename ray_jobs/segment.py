@@ -49,6 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="same as --rule keep-all: every plausible candidate (published challenge mode)")
     p.add_argument("--resume", action="store_true", help="skip images already in images/")
     p.add_argument("--batch-size", type=int, default=None, help="images per model batch (default 4 CPU, 16 GPU)")
+    p.add_argument("--write-batch-size", type=int, default=None,
+                   help="images per images/ + cells/ Parquet part pair on GPU clusters' graph: the "
+                        "aggregation and write actors' batch (default 64, 16 with --overlays, or --batch-size "
+                        "if larger); CPU clusters write one pair per model batch")
     p.add_argument("--nucleus-actors", type=int, default=None,
                    help="U-Net actors (default: 1 per GPU); with --fuse: actors running every step "
                         "(default: 1 per CPU)")
@@ -153,9 +157,12 @@ def build_pipeline(items: list, args: argparse.Namespace, plan: Plan, config):
         if k < len(scales) - 1:  # the last scale's candidates are taken by the writers
             ds = ds.map_batches(take_candidates, fn_kwargs={"scale": scale, "config": cfg},
                                 num_cpus=plan.task_cpus, **common)
+    # Large write batches: one Parquet part pair per batch, so fewer objects and requests;
+    # Ray Data gathers the rows, each call still writes its whole batch (images/ part last).
+    write_batch = args.write_batch_size or max(16 if args.overlays else 64, plan.batch_size)
     return ds.map_batches(Finalize, fn_constructor_kwargs={"config": cfg, "rule": rule, **writer},
                           compute=ray.data.ActorPoolStrategy(size=plan.write_actors),
-                          num_cpus=plan.task_cpus, **common)
+                          num_cpus=plan.task_cpus, **{**common, "batch_size": write_batch})
 
 
 def _job_errors_unwrapped(batches):

@@ -4,7 +4,7 @@ The method as a library. It imports torch, numpy and OpenCV, never Ray: the Ray 
 ``ray_jobs`` only wire these pieces into distributed stages.
 
 The names users need are here: ``from segpc import Segmenter, load_bundle, read_image,
-unpack_mask``. They load on first use, so ``import segpc`` stays light (no torch).
+unpack_mask, read_label_masks``. They load on first use, so ``import segpc`` stays light (no torch).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ _PUBLIC = {
     "save_bundle": "segpc.models.bundle",
     "read_image": "segpc.io.imaging",
     "unpack_mask": "segpc.io.outputs",
+    "read_label_masks": "segpc.io.outputs",
 }
 __all__ = ["__version__", *_PUBLIC]
 

@@ -24,7 +24,7 @@ from helpers import bomb_bytes, slide_layout, synthetic_slides, upload
 from ray_jobs.local_s3 import LocalS3
 from ray_jobs.segment import main as segment_main
 from segpc.io.inputs import MAX_ID_LENGTH
-from segpc.io.outputs import done_image_ids, read_table, zarr_store
+from segpc.io.outputs import done_image_ids, read_label_masks, read_table, zarr_store
 from segpc.io.storage import filesystem
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
@@ -66,9 +66,11 @@ def outputs(out: str) -> dict:
     cells = read_table(out, "cells").to_pandas()
     assert images.image_id.is_unique, "an image has two rows in images/"
     assert not cells.duplicated(["image_id", "cell_id"]).any(), "a cell has two rows in cells/"
+    # one array per image with results, nothing else (no group per image)
     root = zarr.open_group(store=zarr_store(out), mode="r")
-    masks = {k: (root[k]["nuclei"][...], root[k]["cells"][...]) for k in root.group_keys()}
-    assert set(masks) == set(images[images.status == "ok"].image_id)
+    assert set(root.array_keys()) == set(images[images.status == "ok"].image_id)
+    assert not list(root.group_keys())
+    masks = {k: read_label_masks(out, k) for k in root.array_keys()}
     images = images.drop(columns=["seconds", "source_uri"]).sort_values("image_id").reset_index(drop=True)
     cells = cells.sort_values(["image_id", "cell_id"]).reset_index(drop=True)
     return {"images": images, "cells": cells, "masks": masks}

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import zarr
 from helpers import bad_files, slide_layout, upload
 
 from ray_jobs.segment import main as segment_main
 from segpc.models.bundle import load_bundle, save_bundle
 from segpc.io.imaging import read_image
 from segpc.io.segpc_format import evaluate_folders
-from segpc.io.outputs import read_table, unpack_mask, zarr_store
+from segpc.io.outputs import read_label_masks, read_table, unpack_mask
 from segpc.method.segmenter import Segmenter
 from segpc.io.segpc_format import write_masks
 from segpc.io.storage import filesystem
@@ -80,9 +79,8 @@ def test_job_over_s3(job, bundle, archive, tmp_path):
     assert len(cells) > 0, "the test bundle must find cells"
     assert not cells.duplicated(["image_id", "cell_id"]).any()
     assert cells.groupby("image_id").size().reindex(good.image_id, fill_value=0).tolist() == good.n_cells.tolist()
-    root = zarr.open_group(store=zarr_store(out), mode="r")
     for image_id, group in cells.groupby("image_id"):
-        nuclei, labels = root[image_id]["nuclei"][...], root[image_id]["cells"][...]
+        nuclei, labels = read_label_masks(out, image_id)
         assert set(np.unique(nuclei)) - {0} == set(group.cell_id)
         for _, c in group.iterrows():
             box = (c.y0, c.x0, c.y1, c.x1)
@@ -92,8 +90,13 @@ def test_job_over_s3(job, bundle, archive, tmp_path):
             assert cell.sum() == c.cell_area and not ((labels == c.cell_id) & ~cell).any()
             assert unpack_mask(c.nucleus_mask, box).sum() == c.nucleus_area
 
-    # slides.parquet totals equal cells/
+    # masks.zarr: its group's zarr.json, and per image with results two objects, its shard
+    # (the whole image) and the array's zarr.json
     fs, root_path = filesystem(out)
+    keys = sorted(p.split("/masks.zarr/", 1)[1] for p in fs.find(f"{root_path}/masks.zarr"))
+    assert keys == sorted(["zarr.json", *(f"{i}/{k}" for i in good.image_id for k in ("c/0/0/0", "zarr.json"))])
+
+    # slides.parquet totals equal cells/
     import pyarrow.parquet as pq
 
     with fs.open(f"{root_path}/slides.parquet", "rb") as f:
@@ -161,8 +164,11 @@ def test_resume_completes_an_interrupted_run(job, ray_local, s3_bucket, s3_input
     in_uri, files = s3_input
     out = f"{s3_bucket}/out"
     # the GPU clusters' graph here (network-only actors, CPU stages between them); the other
-    # tests run every step of an image in one actor: both give the same cells
-    args = ["--input", in_uri, "--output", out, "--bundle", bundle, "--max-pixels", MAX_PIXELS, "--no-fuse"]
+    # tests run every step of an image in one actor: both give the same cells. Small write
+    # batches (the default, 64, would write these 19 images as one part pair): several parts,
+    # one of them to interrupt
+    args = ["--input", in_uri, "--output", out, "--bundle", bundle, "--max-pixels", MAX_PIXELS, "--no-fuse",
+            "--write-batch-size", "4"]
     assert segment_main(args) == 0
     full = read_table(out, "images").to_pandas().sort_values("image_id").reset_index(drop=True)
     full_cells = read_table(out, "cells").to_pandas()
@@ -172,6 +178,7 @@ def test_resume_completes_an_interrupted_run(job, ray_local, s3_bucket, s3_input
     # interrupt: a batch whose cells/ part was written but not its images/ part
     fs, root = filesystem(out)
     images_parts = sorted(fs.ls(f"{root}/images"))
+    assert len(images_parts) >= 3
     fs.rm(images_parts[0])
     assert segment_main(args) == 2  # results exist: must say --resume
     assert segment_main(args + ["--resume"]) == 0

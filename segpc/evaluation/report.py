@@ -21,7 +21,7 @@ import pandas as pd  # noqa: E402
 
 from segpc.errors import InputError  # noqa: E402
 from segpc.io.imaging import decode_image, encode_png  # noqa: E402
-from segpc.io.outputs import read_table, zarr_store  # noqa: E402
+from segpc.io.outputs import read_label_masks, read_table  # noqa: E402
 from segpc.io.overlay import draw_overlay  # noqa: E402
 from segpc.io.storage import filesystem, join, read_bytes  # noqa: E402
 
@@ -88,15 +88,12 @@ def figures(data: ReportData) -> dict[str, bytes]:
 
 def gallery(output: str, data: ReportData, limit: int = 12) -> dict[str, bytes]:
     """QC overlays for up to ``limit`` images, most cells first: image + label masks."""
-    import zarr
-
     ok = data.images[data.images.status == "ok"].sort_values(["n_cells", "image_id"], ascending=[False, True])
-    root = zarr.open_group(store=zarr_store(output), mode="r")
     out = {}
     for row in ok.head(limit).itertuples():
         image = decode_image(read_bytes(row.source_uri), row.source_uri)
-        group = root[row.image_id]
-        out[f"{row.image_id}.png"] = encode_png(draw_overlay(image, group["nuclei"][...], group["cells"][...]))
+        nuclei, cells = read_label_masks(output, row.image_id)
+        out[f"{row.image_id}.png"] = encode_png(draw_overlay(image, nuclei, cells))
     return out
 
 

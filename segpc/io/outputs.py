@@ -79,10 +79,14 @@ class OutputWriter:
         self.output, self.segpc_masks, self.overlays = output.rstrip("/"), segpc_masks, overlays
         self.fs, self.root = filesystem(self.output)
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="segpc-write")
+        self.group_written = False
 
     def write(self, records: list[ImageRecord]) -> list[dict]:
         if not records:
             return []
+        if not self.group_written:  # once per writer, not per image
+            write_masks_group(self.output)
+            self.group_written = True
         part = part_name([r.input.image_id for r in records])
         cells = [row for r in records if r.result is not None for row in _cell_rows(r)]
         self._parquet(f"cells/{part}", pa.Table.from_pylist(cells, schema=CELLS_SCHEMA))
@@ -99,8 +103,7 @@ class OutputWriter:
 
     def _per_image_files(self, r: ImageRecord) -> None:
         nuclei, cells = r.result.label_maps(np.uint16 if len(r.result.cells) < 65535 else np.int32)
-        with_retries(f"writing masks.zarr/{r.input.image_id}", write_label_masks,
-                     self.output, r.input.image_id, nuclei, cells)
+        write_label_masks(self.output, r.input.image_id, nuclei, cells)  # each PUT retried
         if self.overlays and r.image is not None:
             _put(self.fs, join(self.root, "overlays", f"{r.input.image_id}.png"),
                  encode_png(draw_overlay(r.image, nuclei, cells)))
@@ -127,11 +130,12 @@ def part_name(image_ids: list[str]) -> str:
 
 
 def _put(fs, path: str, data: bytes) -> None:
-    """Whole-object write, retried; on local disks via a temp name and rename, so readers
-    never see half a file."""
+    """Whole-object write, retried: on object storage one PUT (no folder to make: s3fs's
+    ``makedirs`` would cost a HEAD and a LIST of the bucket); on local disks via a temp name
+    and rename, so readers never see half a file."""
     def write() -> None:
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         if isinstance(fs, LocalFileSystem):
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
             tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
             fs.pipe_file(tmp, data)
             fs.mv(tmp, path)
@@ -176,26 +180,87 @@ def zarr_store(output: str):
     return FsspecStore.from_url(url, storage_options={**opts, "asynchronous": True})
 
 
-# A camera image's label map is one chunk (one object per array on object storage); only
-# larger images (whole-slide tiles, scans) are split.
-MAX_CHUNK = 4096
+# ``masks.zarr/<image_id>``: one Zarr v3 array (2, H, W) per image, channel 0 the nuclei and 1
+# the cells, in ONE shard (one object) of zstd-compressed inner chunks of at most
+# MAX_INNER_CHUNK px a side, so a reader can fetch a part of a large image by byte ranges.
+# Two objects per image: the shard, then the array's zarr.json; the group's zarr.json at
+# masks.zarr/ is written once per writer.
+MASK_CHANNELS = ("nuclei", "cells")
+MASK_ATTRIBUTES = {"channels": list(MASK_CHANNELS),
+                   "label_meaning": "0 background; value = cell_id of cells/ rows"}
+MAX_INNER_CHUNK = 1024
+
+
+def _inner_chunk(n: int) -> int:
+    """Equal inner chunks of at most MAX_INNER_CHUNK px covering ``n`` px (1920 -> 2 x 960,
+    2560 -> 3 x 854): the shard, a whole number of them, reaches past the image by fewer
+    pixels than it has chunks (zarr's edge chunks, 0 there)."""
+    parts = -(-n // MAX_INNER_CHUNK)
+    return -(-n // parts)
+
+
+def encode_label_masks(nuclei: np.ndarray, cells: np.ndarray) -> dict[str, bytes]:
+    """The objects of one image's mask array: ``{"c/0/0/0": shard, "zarr.json": metadata}``,
+    encoded in memory by zarr itself.
+
+    Empty inner chunks are written too (``write_empty_chunks``): zarr's test for them
+    compares each chunk with the fill value, which costs more than compressing a sparse
+    chunk, and an image without cells then still has its shard (a rewrite replaces it).
+    """
+    import zarr
+    from zarr.codecs import ZstdCodec
+    from zarr.storage import MemoryStore
+
+    if nuclei.shape != cells.shape or nuclei.ndim != 2:
+        raise ValueError(f"label maps of one image must be two (H, W) arrays: {nuclei.shape}, {cells.shape}")
+    data = np.stack([nuclei, cells.astype(nuclei.dtype, copy=False)])
+    chunks = (1, *(_inner_chunk(n) for n in data.shape[1:]))
+    shard = (2, *(c * -(-n // c) for c, n in zip(chunks[1:], data.shape[1:])))
+    objects: dict = {}
+    arr = zarr.create_array(MemoryStore(objects), shape=data.shape, dtype=data.dtype, chunks=chunks,
+                            shards=shard, compressors=ZstdCodec(level=3), fill_value=0,
+                            dimension_names=("channel", "y", "x"), attributes=MASK_ATTRIBUTES,
+                            config={"write_empty_chunks": True})
+    arr[...] = data
+    return {k: v.to_bytes() for k, v in objects.items()}
+
+
+def _group_metadata() -> bytes:
+    """``masks.zarr/zarr.json``: the group that holds one array per image."""
+    import zarr
+    from zarr.storage import MemoryStore
+
+    objects: dict = {}
+    zarr.create_group(MemoryStore(objects), attributes={
+        "layout": "one array per image: <image_id> (2, H, W), channel 0 nuclei, 1 cells"})
+    return objects["zarr.json"].to_bytes()
 
 
 def write_label_masks(output: str, image_id: str, nuclei: np.ndarray, cells: np.ndarray) -> None:
-    """``masks.zarr/<image_id>/{nuclei,cells}``: chunked, compressed label arrays (overwritten).
+    """``masks.zarr/<image_id>``: two PUTs, the shard first and the array's ``zarr.json``
+    last; nothing is listed, read or deleted. The shard's key is the same whatever the
+    image's size, so a rewrite replaces both objects."""
+    fs, root = filesystem(output)
+    objects = encode_label_masks(nuclei, cells)
+    for key in sorted(objects, key=lambda k: k == "zarr.json"):
+        _put(fs, join(root, "masks.zarr", image_id, key), objects[key])
 
-    Empty chunks are written too: zarr's test for them compares the whole chunk with the
-    fill value, which cost ten times the compression of a sparse label map.
-    """
+
+def write_masks_group(output: str) -> None:
+    """``masks.zarr/zarr.json`` (one PUT; the same bytes every time)."""
+    fs, root = filesystem(output)
+    _put(fs, join(root, "masks.zarr", "zarr.json"), _group_metadata())
+
+
+def read_label_masks(output: str, image_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """(nuclei, cells) label maps of one image, as written by :func:`write_label_masks`."""
     import zarr
 
-    group = zarr.open_group(store=zarr_store(output), path=image_id, mode="w")
-    chunks = tuple(min(n, MAX_CHUNK) for n in nuclei.shape)
-    for name, arr in (("nuclei", nuclei), ("cells", cells)):
-        z = group.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=chunks, fill_value=0,
-                               config={"write_empty_chunks": True})
-        z[...] = arr
-    group.attrs["label_meaning"] = "0 background; value = cell_id of cells/ rows"
+    def read() -> np.ndarray:
+        return zarr.open_array(store=zarr_store(output), path=image_id, mode="r", zarr_format=3)[...]
+
+    data = with_retries(f"reading masks.zarr/{image_id}", read)
+    return data[0], data[1]
 
 
 # ------------------------------------------------------------------------------ resume

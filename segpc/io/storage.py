@@ -7,6 +7,8 @@ variable boto3 and the AWS CLI honour; passing it explicitly keeps older botocor
 from __future__ import annotations
 
 import os
+import random
+import re
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -54,6 +56,34 @@ class StorageUnavailable(RuntimeError):
 PERMANENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError,
              TypeError)
 
+# "Slow down" answers: S3's 503 SlowDown (s3fs raises OSError(EBUSY) for it), a 503 without a
+# body (HEAD), other stores' and AWS APIs' throttling. Always transient, whatever type a client
+# maps them to.
+THROTTLING_CODES = frozenset({"SlowDown", "ServiceUnavailable", "503", "429", "RequestLimitExceeded",
+                              "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
+                              "TooManyRequests", "TooManyRequestsException", "RequestThrottledException"})
+_THROTTLING_TEXT = re.compile(r"SlowDown|Slow Down|reduce your request rate|ServiceUnavailable|Service Unavailable"
+                              r"|RequestLimitExceeded|Throttl|TooManyRequests|Too Many Requests|\((?:503|429)\)")
+
+
+def is_throttling(exc: BaseException) -> bool:
+    """Whether ``exc`` (or the exception it was raised from, as s3fs raises its own from
+    botocore's) is a storage server asking the client to slow down: an error code or HTTP
+    status of botocore's ``response``, or the server's words in the message."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict):
+            code = str((response.get("Error") or {}).get("Code", ""))
+            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+            if code in THROTTLING_CODES or status in (429, 503):
+                return True
+        if _THROTTLING_TEXT.search(str(exc)):
+            return True
+        exc = exc.__cause__
+    return False
+
 
 def retry_budget_s() -> float:
     """Seconds a storage call keeps retrying (``SEGPC_IO_RETRY_S``, default 300): long enough
@@ -62,23 +92,25 @@ def retry_budget_s() -> float:
 
 
 def with_retries(what: str, call: Callable[..., T], *args, budget_s: float | None = None) -> T:
-    """``call(*args)``, retrying transient failures (connection refused or reset, throttling, a
-    server restarting) with exponential backoff (0.25 s doubling to 8 s) for ``budget_s``
-    seconds; then :class:`StorageUnavailable` naming ``what``. Permanent errors (a missing
-    object, access denied) are raised at once."""
+    """``call(*args)``, retrying transient failures (connection refused or reset, throttling
+    such as S3's 503 SlowDown, a server restarting) with exponential backoff (0.25 s doubling
+    to 8 s, each wait jittered down by up to half so that many workers do not come back at
+    once) for ``budget_s`` seconds; then :class:`StorageUnavailable` naming ``what``.
+    Permanent errors (a missing object, access denied) are raised at once, unless the server
+    said they were throttling."""
     budget = retry_budget_s() if budget_s is None else budget_s
     deadline, delay = time.monotonic() + budget, 0.25
     while True:
         try:
             return call(*args)
-        except PERMANENT:
-            raise
         except Exception as exc:  # noqa: BLE001 - clients raise many types for one outage
+            if isinstance(exc, PERMANENT) and not is_throttling(exc):
+                raise
             if time.monotonic() + delay > deadline:
                 raise StorageUnavailable(
                     f"object storage unreachable for {budget:g}s while {what}: "
                     f"{type(exc).__name__}: {exc}") from exc
-            time.sleep(delay)
+            time.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, 8.0)
 
 
