@@ -65,7 +65,7 @@ def run(args: argparse.Namespace, t0: float) -> int:
     from ray_jobs.common import init_ray
     from ray_jobs.segment import main as segment_main
     from ray_jobs.train import main as train_main
-    from segpc.io.segpc_format import evaluate_folders
+    from segpc.io.segpc_format import evaluate_folders, named_by_source
     from segpc.evaluation.report import build_report
     from segpc.io.storage import filesystem
     from segpc.io.synthetic import write_archive
@@ -109,9 +109,12 @@ def run(args: argparse.Namespace, t0: float) -> int:
     work.mkdir(parents=True, exist_ok=True)
     fs.get(f"{prefix}/results/".removeprefix("s3://"), str(work / "results"), recursive=True)
     (work / "results" / "segpc").mkdir(exist_ok=True)  # no cell found: no masks, score 0
-    scores = evaluate_folders(local / "truth", work / "results" / "segpc")
     import pandas as pd
 
+    images = pd.read_parquet(work / "results" / "images", columns=["image_id", "source_uri"])
+    pred = named_by_source(work / "results" / "segpc", dict(zip(images.image_id, images.source_uri)),
+                           local / "pred")
+    scores = evaluate_folders(local / "truth", pred)
     slides = pd.read_parquet(work / "results" / "slides.parquet")
     _say("plasma cells per slide:\n" + slides[["slide_id", "images", "images_error", "plasma_cells",
                                                "mean_cells_per_image"]].to_string(index=False))

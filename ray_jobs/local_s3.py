@@ -51,6 +51,22 @@ def stop_group(proc: subprocess.Popen, grace_s: float) -> None:
         proc.wait()
 
 
+def kill_mentioning(text: str) -> int:
+    """SIGKILL the processes whose command line holds ``text`` (a temp dir of their own): the
+    stragglers of a local Ray started for a test or benchmark, and nothing else on the machine
+    (never ``ray stop``). Returns how many."""
+    killed = 0
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if text.encode() in (d / "cmdline").read_bytes():
+                    os.kill(int(d.name), signal.SIGKILL)
+                    killed += 1
+            except OSError:
+                pass
+    return killed
+
+
 def weed_binary() -> str:
     found = shutil.which("weed") or str(Path(sys.executable).with_name("weed"))
     if not Path(found).exists():

@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import quick_bundle, slide_layout, upload
+from helpers import job_id, quick_bundle, slide_layout, upload
 from raycluster import HeadNode
 
 from ray_jobs.common import WORKER_VARS
@@ -40,7 +40,7 @@ def test_segment_job_runs_under_ray_job_submit(head, s3_bucket, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout and "[segment] done" in proc.stdout
     images = read_table(f"{s3_bucket}/out", "images").to_pandas()
-    assert sorted(images.image_id) == sorted(p.stem for p in (archive / "x").iterdir())
+    assert sorted(images.image_id) == sorted(job_id(p.stem) for p in (archive / "x").iterdir())
     assert (images.status == "ok").all()
 
 
