@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 
+from ray_jobs.autoscaling import read_autoscaler_config
 from ray_jobs.plan import Plan, plan_resources
 from ray_jobs.stages import GPUUnavailable, object_column
 from segpc.errors import InputError, exit_status
@@ -63,10 +64,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--write-actors", type=int, default=None,
                    help="aggregation and write actors (default: 1 per 8 CPUs, at least 1 per GPU)")
     p.add_argument("--gpus", type=float, default=None,
-                   help="GPUs to plan for (default: the cluster's; set it on an autoscaling cluster)")
+                   help="GPUs to plan for (default: the most the autoscaler can bring, read from "
+                        "~/ray_bootstrap_config.yaml on a cluster-launcher head, else the cluster's; "
+                        "set it on KubeRay)")
     p.add_argument("--cpus-per-gpu", type=float, default=None,
-                   help="CPUs each planned GPU brings, for GPUs not up yet (default: as the GPU nodes "
-                        "up now, else 8)")
+                   help="CPUs each planned GPU brings, for GPUs not up yet (default: as the "
+                        "autoscaler's GPU node type, else the GPU nodes up now, else 8)")
     p.add_argument("--nucleus-gpu", type=float, default=0.5, help="GPU fraction per nucleus actor")
     p.add_argument("--cytoplasm-gpu", type=float, default=None,
                    help="GPU fraction per cytoplasm actor (default: the rest of a GPU shared by the scales)")
@@ -213,7 +216,8 @@ def run(args: argparse.Namespace) -> dict:
     if n_done:
         done_ref = ray.put(np.sort(id_hashes(done)))
         del done
-    plan = plan_resources(args, ray.cluster_resources(), len(config.cytoplasm.scales), _gpu_node_cpus())
+    plan = plan_resources(args, ray.cluster_resources(), len(config.cytoplasm.scales), _gpu_node_cpus(),
+                          read_autoscaler_config())
     print(f"[segment] plan: {plan}", flush=True)
     counts = {"ok": 0, "error": 0, "cells": 0, "pipeline_s": 0.0, "first_result_s": None}
     ds = build_pipeline(args, plan, config, done_ref)  # lazy; checks the input is there
