@@ -19,6 +19,10 @@ from segpc.errors import InputError
 from segpc.io.imaging import IMAGE_SUFFIXES
 
 
+FOLDERS_PER_TASK = 8
+LISTING_TASKS = 2
+
+
 def _rows(items) -> dict:
     return {"uri": np.array([it.uri for it in items], dtype=object),
             "image_id": np.array([it.image_id for it in items], dtype=object),
@@ -142,6 +146,10 @@ def input_dataset(args: argparse.Namespace, done_ref, env: dict | None):
         return ds.select_columns(cols).map_batches(
             shard_rows, fn_kwargs={"prefix": args.input, "image_column": args.image_column,
                                    "scheme": scheme, "done": done}, batch_size=16, **common)
-    ds = ray.data.from_items([{"folder": u} for u in units], override_num_blocks=min(len(units), 1000))
-    return ds.map_batches(list_folders, fn_kwargs={"prefix": args.input, "done": done}, batch_size=1,
+    # a task lists a few folders (a folder is one or a few requests; a task costs more), and
+    # two at a time keep well ahead of the images' reading
+    ds = ray.data.from_items([{"folder": u} for u in units],
+                             override_num_blocks=max(1, -(-len(units) // FOLDERS_PER_TASK)))
+    return ds.map_batches(list_folders, fn_kwargs={"prefix": args.input, "done": done},
+                          batch_size=FOLDERS_PER_TASK, compute=ray.data.TaskPoolStrategy(size=LISTING_TASKS),
                           **common)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
@@ -28,7 +30,7 @@ from segpc.io.imaging import encode_png
 from segpc.io.inputs import InputImage
 from segpc.io.overlay import draw_overlay
 from segpc.method.results import ImageResult
-from segpc.io.storage import filesystem, join, storage_options, with_retries
+from segpc.io.storage import arrow_filesystem, filesystem, join, storage_options, with_retries
 
 IMAGES_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("slide_id", pa.string()), ("source_uri", pa.string()),
@@ -241,23 +243,17 @@ def forget_errors(output: str, kinds: tuple[str, ...] = ("storage",)) -> int:
     """Drop the ``images/`` rows of images that failed for one of ``kinds``, so that a
     resumed run processes them again (``--retry-errors``); returns how many. Each part
     holding such a row is rewritten without it (its cells/ twin has no rows for them)."""
-    fs, root = filesystem(output)
-    paths = _parts(fs, join(root, "images"))
-    tables = _read_each(fs, paths, ["status", "error_kind"])
-    forgotten = 0
-    for path, t in zip(paths, tables):
-        if "error_kind" not in t.column_names:
-            continue  # written before errors had kinds
-        kind = t.column("error_kind").to_pylist()
-        drop = [k in kinds for k in kind]
-        if any(drop):
-            full = with_retries(f"reading {path}", _read_one, fs, path, None)
-            keep = full.filter(pa.array([not d for d in drop]))
-            buf = io.BytesIO()
-            pq.write_table(keep, buf)
-            _put(fs, path, buf.getvalue())
-            forgotten += sum(drop)
-    return forgotten
+    fs, _ = filesystem(output)
+    found = read_table(output, "images", ["error_kind"], with_file=True)
+    hit = found.filter(pc.is_in(found.column("error_kind"), pa.array(list(kinds))))
+    paths = sorted(set(hit.column("__filename").to_pylist()))
+    for path in paths:
+        full = with_retries(f"reading {path}", _read_one, fs, path, None)
+        keep = pc.invert(pc.fill_null(pc.is_in(full.column("error_kind"), pa.array(list(kinds))), False))
+        buf = io.BytesIO()
+        pq.write_table(full.filter(keep), buf)
+        _put(fs, path, buf.getvalue())
+    return hit.num_rows
 
 
 def _parts(fs, folder: str) -> list[str]:
@@ -271,38 +267,26 @@ def _parts(fs, folder: str) -> list[str]:
 
 
 def _read_one(fs, path: str, columns: list[str] | None) -> pa.Table:
-    with fs.open(path, "rb") as f:
-        pf = pq.ParquetFile(f)
-        names = pf.schema_arrow.names
-        return pf.read(columns=[c for c in columns if c in names] if columns else None)
-
-
-def _read_each(fs, paths: list[str], columns: list[str] | None = None) -> list[pa.Table]:
-    """Each part's columns (those it has), read concurrently: on object storage every part
-    is a round trip, and an archive's output holds thousands of parts."""
-    with ThreadPoolExecutor(max_workers=32, thread_name_prefix="segpc-read") as pool:
-        return list(pool.map(lambda p: with_retries(f"reading {p}", _read_one, fs, p, columns), paths))
+    return pq.read_table(pa.BufferReader(fs.cat_file(path)), columns=columns)
 
 
 def read_table(output: str, name: str, columns: list[str] | None = None,
-               max_parts: int | None = None) -> pa.Table:
+               max_parts: int | None = None, with_file: bool = False) -> pa.Table:
     """All parts of ``images`` or ``cells`` as one table (empty table with the schema if none),
     or ``max_parts`` of them spread evenly over the names (a sample). Columns a part lacks
-    (written by an older version) are null."""
+    (written by an older version) are null; ``with_file`` adds each row's part as
+    ``__filename``. pyarrow's reader fetches the parts concurrently: an archive's output
+    holds thousands."""
     fs, root = filesystem(output)
     paths = _parts(fs, join(root, name))
     if max_parts is not None and len(paths) > max_parts:
         paths = [paths[int(i)] for i in np.linspace(0, len(paths) - 1, max_parts)]
     schema = IMAGES_SCHEMA if name == "images" else CELLS_SCHEMA
-    if columns:
-        schema = pa.schema([schema.field(c) for c in columns])
+    columns = list(columns or schema.names)
     if not paths:
-        return schema.empty_table()
-    tables = _read_each(fs, paths, columns)
-    return pa.concat_tables([_conform(t, schema) for t in tables])
-
-
-def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    cols = [table.column(f.name).cast(f.type) if f.name in table.column_names
-            else pa.nulls(len(table), f.type) for f in schema]
-    return pa.table(cols, schema=schema)
+        empty = schema.empty_table().select(columns)
+        return empty.append_column("__filename", pa.array([], pa.string())) if with_file else empty
+    afs, _ = arrow_filesystem(output)
+    dataset = pads.dataset(paths, schema=schema, filesystem=afs, format="parquet")
+    return with_retries(f"reading {output}/{name}/", lambda: dataset.to_table(
+        columns=columns + (["__filename"] if with_file else [])))
