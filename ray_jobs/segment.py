@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input", required=True, help="prefix of image files (any depth; slide = first folder)")
     p.add_argument("--output", required=True, help="output prefix (images/, cells/, slides.parquet, masks.zarr)")
     p.add_argument("--bundle", required=True, help="model bundle (folder or s3:// URI)")
-    p.add_argument("--manifest", default=None, help="CSV/Parquet with columns path, slide_id")
+    p.add_argument("--manifest", default=None, help="CSV/Parquet with columns path, slide_id (and optionally image_id)")
     p.add_argument("--image-column", default="image",
                    help="for Parquet shards under --input: the column of image bytes (with image_id, "
                         "and optionally slide_id, beside it)")
