@@ -1,11 +1,12 @@
 """The batch job: segment every image under an input prefix with Ray Data.
 
     python -m ray_jobs.segment --input URI --output URI --bundle BUNDLE_URI
-        [--segpc-masks] [--overlays] [--keep-all] [--resume] [--manifest CSV]
+        [--segpc-masks] [--overlays] [--keep-all] [--resume [--retry-errors]] [--manifest CSV]
 
 --input is a prefix of image files (any depth; the first folder is the slide), or of
 Parquet shards with the image bytes in a column (--image-column) beside image_id and,
-optionally, slide_id.
+optionally, slide_id. image_id is the path below --input without suffix ("/" -> "__"):
+files added later never change the ids of images already done.
 
 Pipeline (streaming, no all-to-all step): list each slide folder (CPU tasks) -> read + decode +
 validate + fit the U-Net's input (CPU tasks) -> then, on GPU clusters, network-only actors
