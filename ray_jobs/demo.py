@@ -51,14 +51,24 @@ def main(argv: list[str] | None = None) -> int:
     from ray_jobs.local_s3 import LocalS3
 
     own_server = not (args.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL"))
-    if args.s3_endpoint:
-        os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint
     t0 = time.time()
-    with (LocalS3() if own_server else nullcontext()) as server:
+    with (LocalS3() if own_server else nullcontext()) as server, _environment(args, server):
         if server is not None:
-            os.environ.update(server.env())
             _say(f"SeaweedFS S3 server on {server.endpoint} (data in {server.dir})")
         return run(args, t0)
+
+
+def _environment(args: argparse.Namespace, server):
+    """The demo's storage settings in this process's environment while it runs, as they were
+    afterwards. Its own SeaweedFS server's credentials go there before run() starts Ray:
+    the local Ray it starts, raylet and workers, inherits them from this process, as a
+    cluster's nodes get theirs from their own environment or instance role; the jobs pass
+    their tasks the endpoint and region only, never keys (ray_jobs/common.py). (To join an
+    existing cluster, RAY_ADDRESS, with the demo's own server, that cluster's nodes would
+    need the server's credentials in the environment they were started with.)"""
+    from ray_jobs.common import job_settings, scoped_environ
+
+    return scoped_environ({**(server.env() if server is not None else {}), **job_settings(args)})
 
 
 def run(args: argparse.Namespace, t0: float) -> int:

@@ -17,8 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ACCESS_KEY = "segpc"
-SECRET_KEY = "segpc-secret"
+# Throwaway credentials for a loopback-only server; distinctive, so that the tests can
+# check that no key reaches anything Ray shows (tests/test_job_submit.py)
+ACCESS_KEY = "SEGPCLOCALTESTKEY001"
+SECRET_KEY = "segpc-local-s3-secret-7f2c9e1a"
 
 
 def _free_ports(n: int) -> list[int]:

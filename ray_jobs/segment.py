@@ -20,7 +20,6 @@ travel with its row.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -84,11 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--io-retry-s", type=float, default=None,
                    help="seconds each storage read or write keeps retrying before the job stops "
                         "(default 300, or SEGPC_IO_RETRY_S); --resume completes a stopped job")
+    # --s3-endpoint and --io-retry-s reach the driver's storage calls and the workers through
+    # main()'s job_environment, for the job's duration: parsing changes no environment
     args = p.parse_args(argv)
-    if args.s3_endpoint:
-        os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint
-    if args.io_retry_s is not None:
-        os.environ["SEGPC_IO_RETRY_S"] = str(args.io_retry_s)  # reaches the workers too
     if args.keep_all:
         args.rule = "keep-all"
     return args
@@ -177,8 +174,11 @@ def _gpu_node_cpus() -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ray_jobs.common import job_environment
+
     args = parse_args(argv)
-    return exit_status(lambda: run(args), failures=(StorageUnavailable, GPUUnavailable))
+    with job_environment(args):
+        return exit_status(lambda: run(args), failures=(StorageUnavailable, GPUUnavailable))
 
 
 def run(args: argparse.Namespace) -> dict:
