@@ -39,28 +39,16 @@ def quiet_ray_data() -> None:
 
 
 def pyarrow_filesystem(uri: str) -> tuple[pafs.FileSystem | None, str]:
-    """(filesystem, path) for Ray APIs that take pyarrow filesystems.
-
-    pyarrow's S3 client ignores ``AWS_ENDPOINT_URL``, so an S3-compatible endpoint is
-    passed on explicitly (``endpoint_override`` and the URL's scheme), and the region.
-    Never keys: the filesystem travels pickled to Ray Train's controller and workers, and
-    with no ``access_key`` pyarrow resolves credentials where it is used, through the AWS
-    SDK's default chain (that process's environment, credential files, web identity,
-    instance metadata), refreshing expiring ones itself.
-    """
+    """(filesystem, path) for Ray APIs that take pyarrow filesystems: None for local paths,
+    else :func:`segpc.io.storage.arrow_filesystem` (the endpoint and region passed on, never
+    keys: the filesystem travels pickled to Ray Train's controller and workers, and with no
+    ``access_key`` pyarrow resolves credentials where it is used, through the AWS SDK's
+    default chain, refreshing expiring ones itself)."""
     if not uri.startswith(("s3://", "s3a://")):
         return None, uri
-    from segpc.io.storage import s3_endpoint
+    from segpc.io.storage import arrow_filesystem
 
-    endpoint = s3_endpoint()
-    kwargs = {}
-    if endpoint:
-        scheme, _, host = endpoint.partition("://")
-        kwargs = {"endpoint_override": host or scheme, "scheme": scheme if host else "https"}
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if region:
-        kwargs["region"] = region
-    return pafs.S3FileSystem(**kwargs), uri.split("://", 1)[1]
+    return arrow_filesystem(uri)
 
 
 # What the job passes on to its tasks and actors: non-secret settings only. Ray shows a

@@ -27,7 +27,7 @@ import numpy as np
 
 from ray_jobs.autoscaling import read_autoscaler_config
 from ray_jobs.plan import Plan, plan_resources
-from ray_jobs.stages import GPUUnavailable, object_column
+from ray_jobs.stages import GPUUnavailable
 from segpc.errors import InputError, exit_status
 from segpc.io.run_record import (NOTED_KEYS, RESULT_KEYS, RUN_FILE, differences, read_run_record, run_record,
                                  write_run_record)

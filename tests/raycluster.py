@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from ray_jobs.local_s3 import stop_group
+from ray_jobs.local_s3 import kill_mentioning, stop_group
 
 
 def _free_port() -> int:
@@ -92,21 +91,5 @@ class HeadNode:
         that carry this cluster's temp dir on their command line."""
         if self.proc:
             stop_group(self.proc, grace_s=10)
-        for pid in _pids_mentioning(self.temp_dir):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_mentioning(self.temp_dir)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-
-def _pids_mentioning(text: str) -> list[int]:
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit() and int(d.name) != os.getpid():
-            try:
-                if text.encode() in (d / "cmdline").read_bytes():
-                    pids.append(int(d.name))
-            except OSError:
-                pass
-    return pids

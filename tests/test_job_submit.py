@@ -48,11 +48,11 @@ def test_segment_job_runs_under_ray_job_submit(head, s3_server, s3_bucket, tmp_p
     # no credentials passed: the head (driver and workers) has them from its environment; a
     # marker in the submitted runtime_env shows the queries below really return it
     marker = f"marker-{secrets.token_hex(8)}"
-    job_id = f"segpc-{secrets.token_hex(6)}"
+    submission = f"segpc-{secrets.token_hex(6)}"
     proc = head.submit([sys.executable, "-m", "ray_jobs.segment", "--input", f"{s3_bucket}/in",
                         "--output", f"{s3_bucket}/out", "--bundle", f"{s3_bucket}/bundle",
                         "--progress-every", "2", "--io-retry-s", "123", "--s3-endpoint", s3_server.endpoint],
-                       working_dir=str(ROOT), env_vars={"SEGPC_TEST_MARKER": marker}, submission_id=job_id)
+                       working_dir=str(ROOT), env_vars={"SEGPC_TEST_MARKER": marker}, submission_id=submission)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout and "[segment] done" in proc.stdout
     images = read_table(f"{s3_bucket}/out", "images").to_pandas()
@@ -63,10 +63,10 @@ def test_segment_job_runs_under_ray_job_submit(head, s3_server, s3_bucket, tmp_p
     env = s3_server.env()
     secret_values = [env["AWS_SECRET_ACCESS_KEY"], env["AWS_ACCESS_KEY_ID"]]
     client = JobSubmissionClient(head.address, headers={"Authorization": f"Bearer {head.token}"})
-    info = client.get_job_info(job_id)
+    info = client.get_job_info(submission)
     job_text = json.dumps([info.model_dump(), [j.model_dump() for j in client.list_jobs()]], default=str)
     assert marker in job_text and info.runtime_env["env_vars"] == {"SEGPC_TEST_MARKER": marker}
-    logs = client.get_job_logs(job_id)
+    logs = client.get_job_logs(submission)
     assert "[segment] done" in logs
     # every task's and actor's runtime_env (the stages get the job's non-secret settings)
     state = {what: _get(head, f"/api/v0/{what}?detail=1&limit=10000")

@@ -37,7 +37,7 @@ def test_old_parts_read_with_nulls_and_samples_spread(tmp_path):
 
 
 def test_forget_errors_drops_only_storage_errors(tmp_path):
-    mixed = _part(tmp_path, [_row("ok1"), _row("gone", "error", "storage"), _row("bad", "error", "image")])
+    _part(tmp_path, [_row("ok1"), _row("gone", "error", "storage"), _row("bad", "error", "image")])
     clean = _part(tmp_path, [_row("ok2")])
     before = (tmp_path / "images" / clean.rsplit("/", 1)[-1]).read_bytes()
     assert forget_errors(str(tmp_path)) == 1
