@@ -21,7 +21,7 @@ from _common import job_parser, single_process, slide_folders
 
 from ray_jobs.segment import parse_args
 from ray_jobs.segment import run as segment_run
-from segpc.io.segpc_format import evaluate_folders
+from segpc.io.segpc_format import evaluate_folders, named_by_source
 from segpc.io.outputs import read_table
 
 
@@ -47,7 +47,10 @@ def main() -> int:
                             "--segpc-masks", "--rule", "best", "--progress-every", "1000"]))
     inf = {r: int(read_table(str(work / r), "images").column("cytoplasm_inferences").to_numpy().sum())
            for r in ("ray", "best")}
-    f1 = {r: evaluate_folders(archive, work / r / "segpc") for r in ("ray", "best")}
+    sources = {r: read_table(str(work / r), "images", ["image_id", "source_uri"]).to_pandas() for r in ("ray", "best")}
+    f1 = {r: evaluate_folders(archive, named_by_source(work / r / "segpc", dict(zip(t.image_id, t.source_uri)),
+                                                       work / r / "segpc-by-source"))
+          for r, t in sources.items()}
     saved = 1 - inf["ray"] / max(inf["best"], 1)
     print(f"cytoplasm inferences: cascade {inf['ray']}, every scale {inf['best']} -> {saved:.0%} saved")
     print(f"strict F1: cascade {f1['ray']['f1']:.4f}, every scale {f1['best']['f1']:.4f}; "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 
 import pyarrow.fs as pafs
 
@@ -38,45 +39,74 @@ def quiet_ray_data() -> None:
 
 
 def pyarrow_filesystem(uri: str) -> tuple[pafs.FileSystem | None, str]:
-    """(filesystem, path) for Ray APIs that take pyarrow filesystems.
-
-    pyarrow's S3 client ignores ``AWS_ENDPOINT_URL``, so an S3-compatible endpoint is
-    passed on explicitly (``endpoint_override`` and the URL's scheme).
-    """
+    """(filesystem, path) for Ray APIs that take pyarrow filesystems: None for local paths,
+    else :func:`segpc.io.storage.arrow_filesystem` (the endpoint and region passed on, never
+    keys: the filesystem travels pickled to Ray Train's controller and workers, and with no
+    ``access_key`` pyarrow resolves credentials where it is used, through the AWS SDK's
+    default chain, refreshing expiring ones itself)."""
     if not uri.startswith(("s3://", "s3a://")):
         return None, uri
-    from segpc.io.storage import s3_endpoint
+    from segpc.io.storage import arrow_filesystem
 
-    endpoint = s3_endpoint()
-    kwargs = {}
-    if endpoint:
-        scheme, _, host = endpoint.partition("://")
-        kwargs = {"endpoint_override": host or scheme, "scheme": scheme if host else "https"}
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if region:
-        kwargs["region"] = region
-    # The filesystem travels pickled to Ray Train's controller and workers, which may not
-    # see the driver's environment: carry explicit keys when the driver has them.
-    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
-        kwargs.update(access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ["AWS_SECRET_ACCESS_KEY"],
-                      session_token=os.environ.get("AWS_SESSION_TOKEN"))
-    return pafs.S3FileSystem(**kwargs), uri.split("://", 1)[1]
+    return arrow_filesystem(uri)
 
 
-WORKER_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE",
-                # the job's storage retry budget, and the tests' fault hook (ray_jobs/faults.py)
-                "SEGPC_IO_RETRY_S", "SEGPC_FAULT", "SEGPC_FAULT_DIR")
+# What the job passes on to its tasks and actors: non-secret settings only. Ray shows a
+# runtime_env to anyone who can reach its dashboard, job or state APIs, so credentials
+# (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) never go in it: every
+# process finds its own through the AWS default chain on its node (instance profile, IRSA,
+# the environment Ray was started with, credential files), which also renews expiring
+# session tokens, where a copy taken at the job's start would expire during a long job.
+# AWS_PROFILE is not passed either: it names a section of the driver machine's ~/.aws files,
+# and a worker on a node without that profile would fail every storage call
+# (ProfileNotFound) instead of using its node's own credentials.
+WORKER_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+               # the job's storage retry budget, and the tests' fault hook (ray_jobs/faults.py)
+               "SEGPC_IO_RETRY_S", "SEGPC_FAULT", "SEGPC_FAULT_DIR")
+SECRET_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
 def worker_runtime_env() -> dict:
-    """The driver's object-storage settings (and ``SEGPC_*`` job settings), for every task
-    and actor it starts.
+    """The driver's non-secret object-storage settings (endpoint, region) and ``SEGPC_*`` job
+    settings, for every task and actor it starts (see WORKER_VARS: never credentials).
 
     Workers of a long-running cluster do not see the variables of the shell that started
     the driver; without this, reads from an S3-compatible endpoint would go to AWS.
     """
-    import os
-
     env = {k: os.environ[k] for k in WORKER_VARS if os.environ.get(k)}
     return {"env_vars": env} if env else {}
+
+
+def job_settings(args) -> dict[str, str]:
+    """The job's command-line storage settings as the variables segpc.io.storage reads:
+    ``--s3-endpoint`` and ``--io-retry-s`` (both non-secret)."""
+    env = {}
+    if getattr(args, "s3_endpoint", None):
+        # named for S3 too, so that an AWS_ENDPOINT_URL_S3 of the shell cannot override it
+        env["AWS_ENDPOINT_URL"] = env["AWS_ENDPOINT_URL_S3"] = args.s3_endpoint
+    if getattr(args, "io_retry_s", None) is not None:
+        env["SEGPC_IO_RETRY_S"] = str(args.io_retry_s)
+    return env
+
+
+def job_environment(args):
+    """While the job runs, its :func:`job_settings` in this process's environment (where the
+    driver's own storage calls and :func:`worker_runtime_env`, hence the workers, read
+    them); the environment as it was afterwards, so that a job run in-process (tests, the
+    demo) leaves nothing behind for the next one."""
+    return scoped_environ(job_settings(args))
+
+
+@contextmanager
+def scoped_environ(env: dict[str, str]):
+    """``env`` in ``os.environ`` inside the ``with`` block, the variables as they were after."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield env
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

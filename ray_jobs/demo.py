@@ -51,21 +51,31 @@ def main(argv: list[str] | None = None) -> int:
     from ray_jobs.local_s3 import LocalS3
 
     own_server = not (args.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL"))
-    if args.s3_endpoint:
-        os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint
     t0 = time.time()
-    with (LocalS3() if own_server else nullcontext()) as server:
+    with (LocalS3() if own_server else nullcontext()) as server, _environment(args, server):
         if server is not None:
-            os.environ.update(server.env())
             _say(f"SeaweedFS S3 server on {server.endpoint} (data in {server.dir})")
         return run(args, t0)
+
+
+def _environment(args: argparse.Namespace, server):
+    """The demo's storage settings in this process's environment while it runs, as they were
+    afterwards. Its own SeaweedFS server's credentials go there before run() starts Ray:
+    the local Ray it starts, raylet and workers, inherits them from this process, as a
+    cluster's nodes get theirs from their own environment or instance role; the jobs pass
+    their tasks the endpoint and region only, never keys (ray_jobs/common.py). (To join an
+    existing cluster, RAY_ADDRESS, with the demo's own server, that cluster's nodes would
+    need the server's credentials in the environment they were started with.)"""
+    from ray_jobs.common import job_settings, scoped_environ
+
+    return scoped_environ({**(server.env() if server is not None else {}), **job_settings(args)})
 
 
 def run(args: argparse.Namespace, t0: float) -> int:
     from ray_jobs.common import init_ray
     from ray_jobs.segment import main as segment_main
     from ray_jobs.train import main as train_main
-    from segpc.io.segpc_format import evaluate_folders
+    from segpc.io.segpc_format import evaluate_folders, named_by_source
     from segpc.evaluation.report import build_report
     from segpc.io.storage import filesystem
     from segpc.io.synthetic import write_archive
@@ -109,9 +119,12 @@ def run(args: argparse.Namespace, t0: float) -> int:
     work.mkdir(parents=True, exist_ok=True)
     fs.get(f"{prefix}/results/".removeprefix("s3://"), str(work / "results"), recursive=True)
     (work / "results" / "segpc").mkdir(exist_ok=True)  # no cell found: no masks, score 0
-    scores = evaluate_folders(local / "truth", work / "results" / "segpc")
     import pandas as pd
 
+    images = pd.read_parquet(work / "results" / "images", columns=["image_id", "source_uri"])
+    pred = named_by_source(work / "results" / "segpc", dict(zip(images.image_id, images.source_uri)),
+                           local / "pred")
+    scores = evaluate_folders(local / "truth", pred)
     slides = pd.read_parquet(work / "results" / "slides.parquet")
     _say("plasma cells per slide:\n" + slides[["slide_id", "images", "images_error", "plasma_cells",
                                                "mean_cells_per_image"]].to_string(index=False))

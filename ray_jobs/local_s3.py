@@ -17,8 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ACCESS_KEY = "segpc"
-SECRET_KEY = "segpc-secret"
+# Throwaway credentials for a loopback-only server; distinctive, so that the tests can
+# check that no key reaches anything Ray shows (tests/test_job_submit.py)
+ACCESS_KEY = "SEGPCLOCALTESTKEY001"
+SECRET_KEY = "segpc-local-s3-secret-7f2c9e1a"
 
 
 def _free_ports(n: int) -> list[int]:
@@ -49,6 +51,22 @@ def stop_group(proc: subprocess.Popen, grace_s: float) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def kill_mentioning(text: str) -> int:
+    """SIGKILL the processes whose command line holds ``text`` (a temp dir of their own): the
+    stragglers of a local Ray started for a test or benchmark, and nothing else on the machine
+    (never ``ray stop``). Returns how many."""
+    killed = 0
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if text.encode() in (d / "cmdline").read_bytes():
+                    os.kill(int(d.name), signal.SIGKILL)
+                    killed += 1
+            except OSError:
+                pass
+    return killed
 
 
 def weed_binary() -> str:

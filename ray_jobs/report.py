@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from segpc.errors import exit_status
@@ -19,11 +18,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gallery", type=int, default=12, help="QC overlays to include (most cells first)")
     p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint (else AWS_ENDPOINT_URL)")
     args = p.parse_args(argv)
-    if args.s3_endpoint:
-        os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint
+    from ray_jobs.common import job_environment
     from segpc.evaluation.report import build_report
 
-    return exit_status(lambda: print(f"report: {build_report(args.output, args.gallery)}"))
+    with job_environment(args):  # --s3-endpoint, for this run only
+        return exit_status(lambda: print(f"report: {build_report(args.output, args.gallery)}"))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 """The batch job: segment every image under an input prefix with Ray Data.
 
     python -m ray_jobs.segment --input URI --output URI --bundle BUNDLE_URI
-        [--segpc-masks] [--overlays] [--keep-all] [--resume] [--manifest CSV]
+        [--segpc-masks] [--overlays] [--keep-all] [--resume [--retry-errors]] [--manifest CSV]
 
 --input is a prefix of image files (any depth; the first folder is the slide), or of
 Parquet shards with the image bytes in a column (--image-column) beside image_id and,
-optionally, slide_id.
+optionally, slide_id. image_id is the path below --input without suffix ("/" -> "__"):
+files added later never change the ids of images already done.
 
-Pipeline (streaming, no all-to-all step): list inputs on the driver -> read + decode +
+Pipeline (streaming, no all-to-all step): list each slide folder (CPU tasks) -> read + decode +
 validate + fit the U-Net's input (CPU tasks) -> then, on GPU clusters, network-only actors
 with CPU stages between them: nucleus U-Net (GPU) -> nucleus instances and first crops (CPU)
 -> per scale: its Attention DeepLabv3+ (GPU) -> candidates and the crops the cascade needs
@@ -19,15 +20,17 @@ travel with its row.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 import numpy as np
 
+from ray_jobs.autoscaling import read_autoscaler_config
 from ray_jobs.plan import Plan, plan_resources
-from ray_jobs.stages import GPUUnavailable, object_column
+from ray_jobs.stages import GPUUnavailable
 from segpc.errors import InputError, exit_status
+from segpc.io.run_record import (NOTED_KEYS, RESULT_KEYS, RUN_FILE, differences, read_run_record, run_record,
+                                 write_run_record)
 from segpc.io.storage import StorageUnavailable
 
 
@@ -37,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input", required=True, help="prefix of image files (any depth; slide = first folder)")
     p.add_argument("--output", required=True, help="output prefix (images/, cells/, slides.parquet, masks.zarr)")
     p.add_argument("--bundle", required=True, help="model bundle (folder or s3:// URI)")
-    p.add_argument("--manifest", default=None, help="CSV/Parquet with columns path, slide_id")
+    p.add_argument("--manifest", default=None, help="CSV/Parquet with columns path, slide_id (and optionally image_id)")
     p.add_argument("--image-column", default="image",
                    help="for Parquet shards under --input: the column of image bytes (with image_id, "
                         "and optionally slide_id, beside it)")
@@ -47,7 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="aggregation: cascade (default), best (every scale, best kept), keep-all")
     p.add_argument("--keep-all", action="store_true",
                    help="same as --rule keep-all: every plausible candidate (published challenge mode)")
-    p.add_argument("--resume", action="store_true", help="skip images already in images/")
+    p.add_argument("--resume", action="store_true",
+                   help="complete an earlier run into the same --output: skip images already in images/ "
+                        "(refused when the bundle, rule or inputs differ from its run.json)")
+    p.add_argument("--retry-errors", action="store_true",
+                   help="with --resume: process again the images that failed for a storage cause "
+                        "(missing, access denied, outage), not those that are not usable images")
     p.add_argument("--batch-size", type=int, default=None, help="images per model batch (default 4 CPU, 16 GPU)")
     p.add_argument("--write-batch-size", type=int, default=None,
                    help="images per images/ + cells/ Parquet part pair on GPU clusters' graph: the "
@@ -60,10 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--write-actors", type=int, default=None,
                    help="aggregation and write actors (default: 1 per 8 CPUs, at least 1 per GPU)")
     p.add_argument("--gpus", type=float, default=None,
-                   help="GPUs to plan for (default: the cluster's; set it on an autoscaling cluster)")
+                   help="GPUs to plan for (default: the most the autoscaler can bring, read from "
+                        "~/ray_bootstrap_config.yaml on a cluster-launcher head, else the cluster's; "
+                        "set it on KubeRay)")
     p.add_argument("--cpus-per-gpu", type=float, default=None,
-                   help="CPUs each planned GPU brings, for GPUs not up yet (default: as the GPU nodes "
-                        "up now, else 8)")
+                   help="CPUs each planned GPU brings, for GPUs not up yet (default: as the "
+                        "autoscaler's GPU node type, else the GPU nodes up now, else 8)")
     p.add_argument("--nucleus-gpu", type=float, default=0.5, help="GPU fraction per nucleus actor")
     p.add_argument("--cytoplasm-gpu", type=float, default=None,
                    help="GPU fraction per cytoplasm actor (default: the rest of a GPU shared by the scales)")
@@ -77,11 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--io-retry-s", type=float, default=None,
                    help="seconds each storage read or write keeps retrying before the job stops "
                         "(default 300, or SEGPC_IO_RETRY_S); --resume completes a stopped job")
+    # --s3-endpoint and --io-retry-s reach the driver's storage calls and the workers through
+    # main()'s job_environment, for the job's duration: parsing changes no environment
     args = p.parse_args(argv)
-    if args.s3_endpoint:
-        os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint
-    if args.io_retry_s is not None:
-        os.environ["SEGPC_IO_RETRY_S"] = str(args.io_retry_s)  # reaches the workers too
     if args.keep_all:
         args.rule = "keep-all"
     return args
@@ -90,25 +98,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------- pipeline
 
 
-def shard_rows(batch: dict, slides: dict, todo: set, image_column: str, scheme: str) -> dict:
-    """Parquet-shard rows -> the read stage's columns, keeping only the images still to do."""
-    from segpc.io.inputs import safe_id
-
-    ids_all = [safe_id(str(raw)) for raw in batch["image_id"]]
-    keep = [i for i, image_id in enumerate(ids_all) if image_id in todo]
-    ids = [ids_all[i] for i in keep]
-    return {"uri": np.array([f"{scheme}{batch['path'][i]}#{batch['image_id'][i]}" for i in keep], dtype=object),
-            "image_id": np.array(ids, dtype=object), "slide_id": np.array([slides[i] for i in ids], dtype=object),
-            "data": object_column([batch[image_column][i] for i in keep])}
-
-
-
-
-def build_pipeline(items: list, args: argparse.Namespace, plan: Plan, config):
-    """The Ray Data graph, top to bottom; ``config`` is the bundle's."""
+def build_pipeline(args: argparse.Namespace, plan: Plan, config, done_ref=None):
+    """The Ray Data graph, top to bottom; ``config`` is the bundle's, ``done_ref`` the hashes
+    of the images already done (see ray_jobs/listing.py)."""
     import ray
 
     from ray_jobs.common import worker_runtime_env
+    from ray_jobs.listing import input_dataset
     from ray_jobs.stages import CellNet, Finalize, NucleusNet, Segment, find_nuclei, read_decode, take_candidates
 
     rule, scales, cfg = args.rule, list(config.cytoplasm.scales), config.to_dict()
@@ -116,22 +112,7 @@ def build_pipeline(items: list, args: argparse.Namespace, plan: Plan, config):
     ray.data.DataContext.get_current().raise_original_map_exception = True
     env = worker_runtime_env() or None
     common = {"batch_size": plan.batch_size, "batch_format": "numpy", "runtime_env": env}
-    if items[0].shard:
-        from ray_jobs.common import pyarrow_filesystem
-
-        shards = sorted({it.shard for it in items})
-        fs, _ = pyarrow_filesystem(shards[0])
-        paths = [p.split("://", 1)[1] if fs is not None else p for p in shards]
-        ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=True, num_cpus=0.25) \
-            .select_columns(["path", "image_id", args.image_column])
-        ds = ds.map_batches(shard_rows, fn_kwargs={
-            "slides": {it.image_id: it.slide_id for it in items}, "todo": {it.image_id for it in items},
-            "image_column": args.image_column,
-            "scheme": shards[0].split("://", 1)[0] + "://" if fs is not None else ""},
-            batch_size=16, batch_format="numpy", runtime_env=env)
-    else:
-        ds = ray.data.from_items([{"uri": it.uri, "image_id": it.image_id, "slide_id": it.slide_id}
-                                  for it in items], override_num_blocks=max(1, min(len(items) // 4, 1000)))
+    ds = input_dataset(args, done_ref, env)
     writer = {"output": args.output, "segpc_masks": args.segpc_masks, "overlays": args.overlays}
     if plan.fuse:  # CPU cluster: each actor runs every step of its images, reading included,
         # so no decoded image crosses the object store
@@ -200,8 +181,11 @@ def _gpu_node_cpus() -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ray_jobs.common import job_environment
+
     args = parse_args(argv)
-    return exit_status(lambda: run(args), failures=(StorageUnavailable, GPUUnavailable))
+    with job_environment(args):
+        return exit_status(lambda: run(args), failures=(StorageUnavailable, GPUUnavailable))
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -209,51 +193,92 @@ def run(args: argparse.Namespace) -> dict:
     import ray
 
     from ray_jobs.common import init_ray
-    from segpc.models.bundle import load_bundle
-    from segpc.io.inputs import list_inputs
-    from segpc.io.outputs import done_image_ids, remove_orphan_cells
+    from ray_jobs.listing import id_hashes
+    from segpc.config import Config
+    from segpc.io.outputs import done_images, forget_errors, remove_orphan_cells
     from segpc.io.slides import write_slides_table
+    from segpc.models.bundle import read_bundle_meta
 
     t0 = time.time()
-    config = load_bundle(args.bundle).config  # a bad bundle stops here, before any work
-    items = list_inputs(args.input, args.manifest)
-    done: set[str] = set()
+    meta = read_bundle_meta(args.bundle)  # a bad bundle stops here, before any work
+    config = Config.from_dict(meta["config"])
+    record = run_record(args.bundle, meta, args.rule, args.input, args.manifest, args.image_column,
+                        args.max_pixels, args.segpc_masks, args.overlays)
+    done_ref, n_done = None, 0
     if args.resume:
+        check_resumable(args.output, record)
         removed = remove_orphan_cells(args.output)
-        done = done_image_ids(args.output)
-        print(f"[segment] resume: {len(done)} image(s) already done"
-              + (f", {removed} unfinished part(s) removed" if removed else ""), flush=True)
-    elif done_image_ids(args.output):
-        raise InputError(f"{args.output} already holds results: pass --resume to complete them, "
-                         "or choose another --output")
-    todo = [it for it in items if it.image_id not in done]
-    print(f"[segment] {len(items)} input image(s), {len(todo)} to do", flush=True)
+        retried = forget_errors(args.output) if args.retry_errors else 0
+        done = done_images(args.output).column("image_id").to_pylist()
+        n_done = len(done)
+        print(f"[segment] resume: {n_done} image(s) already done"
+              + (f", {removed} unfinished part(s) removed" if removed else "")
+              + (f", {retried} storage error(s) to retry" if args.retry_errors else ""), flush=True)
+    else:
+        if args.retry_errors:
+            raise InputError("--retry-errors completes an earlier run: pass --resume too")
+        if done_images(args.output).num_rows or read_run_record(args.output):
+            raise InputError(f"{args.output} already holds results: pass --resume to complete them, "
+                             "or choose another --output")
     init_ray()
-    plan = plan_resources(args, ray.cluster_resources(), len(config.cytoplasm.scales), _gpu_node_cpus())
+    if n_done:
+        done_ref = ray.put(np.sort(id_hashes(done)))
+        del done
+    plan = plan_resources(args, ray.cluster_resources(), len(config.cytoplasm.scales), _gpu_node_cpus(),
+                          read_autoscaler_config())
     print(f"[segment] plan: {plan}", flush=True)
-    counts = {"ok": 0, "error": 0, "cells": 0, "pipeline_s": 0.0}
-    if todo:
-        ds = build_pipeline(todo, args, plan, config)
-        seen, t_start = 0, time.time()
-        for batch in _job_errors_unwrapped(ds.iter_batches(batch_size=None, batch_format="numpy")):
-            for status, n_cells in zip(batch["status"], batch["n_cells"]):
-                counts["ok" if status == "ok" else "error"] += 1
-                counts["cells"] += int(n_cells)
-            before, seen = seen, seen + len(batch["status"])
-            if seen // args.progress_every > before // args.progress_every or seen == len(todo):
-                rate = seen / max(time.time() - t_start, 1e-9)
-                print(f"[segment] {seen}/{len(todo)} images, {rate:.2f} images/s, {counts['cells']} cells, "
-                      f"{counts['error']} error(s)", flush=True)
-        counts["pipeline_s"] = time.time() - t_start
-    slides = write_slides_table(args.output)
+    counts = {"ok": 0, "error": 0, "cells": 0, "pipeline_s": 0.0, "first_result_s": None}
+    ds = build_pipeline(args, plan, config, done_ref)  # lazy; checks the input is there
+    if not args.resume:
+        write_run_record(args.output, record)
+    seen, t_start = 0, time.time()
+    for batch in _job_errors_unwrapped(ds.iter_batches(batch_size=None, batch_format="numpy")):
+        if counts["first_result_s"] is None and len(batch["status"]):
+            counts["first_result_s"] = time.time() - t0
+        for status, n_cells in zip(batch["status"], batch["n_cells"]):
+            counts["ok" if status == "ok" else "error"] += 1
+            counts["cells"] += int(n_cells)
+        before, seen = seen, seen + len(batch["status"])
+        if seen // args.progress_every > before // args.progress_every:
+            _progress(seen, t_start, counts)
+    if seen % args.progress_every:
+        _progress(seen, t_start, counts)
+    counts["pipeline_s"] = time.time() - t_start
+    slides, twice = write_slides_table(args.output)
+    if twice:
+        print(f"[segment] warning: {len(twice)} image id(s) occur more than once in images/ (two inputs "
+              f"with one id, e.g. in Parquet shards): {', '.join(twice[:5])}", flush=True)
     wall = time.time() - t0
     print(f"[segment] done in {wall:.1f}s: {counts['ok']} ok, {counts['error']} error(s), "
-          f"{counts['cells']} plasma cells in this run", flush=True)
+          f"{counts['cells']} plasma cells in this run" + (f", {n_done} done before" if n_done else ""),
+          flush=True)
     print(slides[["slide_id", "images", "images_error", "plasma_cells", "mean_cells_per_image"]]
           .to_string(index=False), flush=True)
-    print(f"[segment] outputs: {args.output}/{{images,cells}}/, slides.parquet, masks.zarr"
+    print(f"[segment] outputs: {args.output}/{{images,cells}}/, slides.parquet, masks.zarr, run.json"
           + (", segpc/" if args.segpc_masks else "") + (", overlays/" if args.overlays else ""), flush=True)
     return {**counts, "wall_s": wall}
+
+
+def _progress(seen: int, t_start: float, counts: dict) -> None:
+    rate = seen / max(time.time() - t_start, 1e-9)
+    print(f"[segment] {seen} images done, {rate:.2f} images/s, {counts['cells']} cells, "
+          f"{counts['error']} error(s)", flush=True)
+
+
+def check_resumable(output: str, record: dict) -> None:
+    """Refuse to resume a run made with another bundle, rule or input; report other changes."""
+    before = read_run_record(output)
+    if before is None:
+        print(f"[segment] {output} has no {RUN_FILE} (written by an older version): resuming without "
+              "checking what made it", flush=True)
+        return
+    changed = differences(before, record, RESULT_KEYS)
+    if changed:
+        raise InputError(f"{output} was made by another run; --resume would mix results. Differences: "
+                         + "; ".join(changed) + ". Use another --output, or the same settings.")
+    noted = differences(before, record, NOTED_KEYS)
+    if noted:
+        print("[segment] resuming with: " + "; ".join(noted), flush=True)
 
 
 if __name__ == "__main__":

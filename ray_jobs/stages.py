@@ -66,7 +66,7 @@ def read_decode(batch: dict, max_pixels: int | None, config: dict) -> dict:
     cfg = Config.from_dict(config)
     n = len(batch["uri"])
     shard_bytes = batch.pop("data", None)  # rows of Parquet shards bring their bytes along
-    status, error, width, height, seconds, work = [], [], [], [], [], []
+    status, error, kind, width, height, seconds, work = [], [], [], [], [], [], []
     for i in range(n):
         t0 = time.perf_counter()
         try:
@@ -74,11 +74,15 @@ def read_decode(batch: dict, max_pixels: int | None, config: dict) -> dict:
             image = decode_image(data, batch["uri"][i], max_pixels or MAX_PIXELS)
             work.append(Work(prepare(image, cfg, batch["uri"][i])))
             status.append("ok"), error.append(""), width.append(image.shape[1]), height.append(image.shape[0])
+            kind.append("")
         except (InputError, OSError) as exc:  # StorageUnavailable is neither: it stops the job
             status.append("error"), error.append(str(exc)), width.append(0), height.append(0)
+            # the file itself is bad, or it could not be read (missing, denied): --retry-errors
+            kind.append("image" if isinstance(exc, InputError) else "storage")
             work.append(Work())
         seconds.append(time.perf_counter() - t0)
-    return {**batch, "status": np.array(status), "error": np.array(error), "width": np.array(width),
+    return {**batch, "status": np.array(status), "error": np.array(error), "error_kind": np.array(kind),
+            "width": np.array(width),
             "height": np.array(height), "seconds": np.array(seconds), "work": object_column(work)}
 
 
@@ -248,7 +252,7 @@ class Finalize:
                 InputImage(batch["uri"][i], batch["image_id"][i], batch["slide_id"][i]),
                 batch["status"][i], batch["error"][i], int(batch["width"][i]), int(batch["height"][i]),
                 float(batch["seconds"][i]) + time.perf_counter() - t0, result,
-                w.state.image if w.state is not None else None))
+                w.state.image if w.state is not None else None, batch["error_kind"][i]))
         rows = self.writer.write(records)  # [] for an empty batch (all rows filtered on resume)
         maybe_die("write")  # the worst moment: written, but Ray has not heard back
         return {k: np.array([r[k] if r[k] is not None else "" for r in rows], dtype=object if k != "n_cells" else int)

@@ -91,9 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-fraction", type=float, default=0.25,
                    help="flat archives only: share of slides held out for validation")
     p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint (else AWS_ENDPOINT_URL)")
-    args = p.parse_args(argv)
-    if args.s3_endpoint:
-        os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint
+    args = p.parse_args(argv)  # --s3-endpoint takes effect in main(), for the job's duration
     args.explicit_epochs = args.epochs is not None
     if args.epochs_from and not args.final:
         p.error("--epochs-from is for --final")
@@ -438,8 +436,11 @@ def _guard_previous_run(args: argparse.Namespace, name: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ray_jobs.common import job_environment
+
     args = parse_args(argv)
-    return exit_status(lambda: _main(args), failures=(RunFailed,))
+    with job_environment(args):
+        return exit_status(lambda: _main(args), failures=(RunFailed,))
 
 
 def _main(args: argparse.Namespace) -> None:

@@ -9,6 +9,31 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
+_WATCHED = ("SEGPC_", "AWS_")
+
+
+def _watched_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(_WATCHED)}
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_env():
+    """A test that leaves ``SEGPC_*``/``AWS_*`` variables changed fails, and they are put
+    back: a job run in-process must not change the next test's settings (a 2-second retry
+    budget, another endpoint). Session- and module-scoped fixtures (``s3_server``) are set
+    up before this snapshot; function-scoped ones (monkeypatch) are undone before the check."""
+    before = _watched_env()
+    yield
+    after = _watched_env()
+    if after == before:
+        return
+    for k in set(after) - set(before):
+        del os.environ[k]
+    os.environ.update(before)
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    pytest.fail(f"the test left environment variables changed: {changed} (restored)", pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     from ray_jobs.local_s3 import LocalS3
@@ -55,8 +80,12 @@ def bundle(archive, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One in-process Ray instance for the whole session (never `ray stop`)."""
+def ray_local(s3_server):
+    """One in-process Ray instance for the whole session (never `ray stop`).
+
+    Started after ``s3_server`` has put the server's credentials in ``os.environ``: the
+    local raylet and its workers inherit the driver's environment at ``ray.init``, as a
+    cluster's nodes have their own credentials; the jobs pass their workers no keys."""
     import ray
 
     from ray_jobs.common import init_ray

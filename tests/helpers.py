@@ -45,9 +45,20 @@ def quick_bundle(archive: Path, out: str, epochs: int = 40) -> str:
     return out
 
 
+def slide_of(stem: str) -> str:
+    """The slide of a synthetic image id (``S01-0003`` -> ``S01``)."""
+    return stem.rsplit("-", 1)[0]
+
+
+def job_id(stem: str) -> str:
+    """The batch job's id for a synthetic image uploaded by :func:`slide_layout`: its path
+    below the input prefix (``S01/S01-0003.bmp`` -> ``S01__S01-0003``)."""
+    return f"{slide_of(stem)}__{stem}"
+
+
 def slide_layout(archive: Path) -> dict[str, bytes]:
     """``<slide>/<id>.bmp`` -> bytes for every image of a synthetic archive."""
-    return {f"{p.stem.rsplit('-', 1)[0]}/{p.name}": p.read_bytes() for p in sorted((archive / "x").iterdir())}
+    return {f"{slide_of(p.stem)}/{p.name}": p.read_bytes() for p in sorted((archive / "x").iterdir())}
 
 
 def _encode(ext: str, arr: np.ndarray) -> bytes:

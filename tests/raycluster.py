@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from ray_jobs.local_s3 import stop_group
+from ray_jobs.local_s3 import kill_mentioning, stop_group
 
 
 def _free_port() -> int:
@@ -37,6 +36,9 @@ class HeadNode:
         self.proc: subprocess.Popen | None = None
 
     def env(self) -> dict[str, str]:
+        """The environment of ``ray start`` and of the ``ray`` CLI calls: this process's (with
+        the test S3 server's credentials when started after ``s3_server``, as a real node has
+        its own), and this cluster's token."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token)
         return env
@@ -71,14 +73,17 @@ class HeadNode:
         self.stop()
         raise RuntimeError("the Ray head did not come up in time")
 
-    def submit(self, entrypoint: list[str], working_dir: str, env_vars: dict[str, str],
-               timeout: float = 600) -> subprocess.CompletedProcess:
+    def submit(self, entrypoint: list[str], working_dir: str, env_vars: dict[str, str] | None = None,
+               submission_id: str | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+        """``ray job submit``. The job gets no credentials this way: its driver and workers
+        have the head's environment, as nodes of a real cluster have their own."""
         import json
 
         ray = str(Path(sys.executable).with_name("ray"))
-        runtime_env = {"env_vars": env_vars, "excludes": [".venv", ".git", "**/__pycache__"]}
+        runtime_env = {"env_vars": env_vars or {}, "excludes": [".venv", ".git", "**/__pycache__"]}
         cmd = [ray, "job", "submit", f"--address={self.address}", f"--working-dir={working_dir}",
-               f"--runtime-env-json={json.dumps(runtime_env)}", "--", *entrypoint]
+               f"--runtime-env-json={json.dumps(runtime_env)}",
+               *([f"--submission-id={submission_id}"] if submission_id else []), "--", *entrypoint]
         return subprocess.run(cmd, env=self.env(), capture_output=True, text=True, timeout=timeout)
 
     def stop(self) -> None:
@@ -86,21 +91,5 @@ class HeadNode:
         that carry this cluster's temp dir on their command line."""
         if self.proc:
             stop_group(self.proc, grace_s=10)
-        for pid in _pids_mentioning(self.temp_dir):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_mentioning(self.temp_dir)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-
-def _pids_mentioning(text: str) -> list[int]:
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit() and int(d.name) != os.getpid():
-            try:
-                if text.encode() in (d / "cmdline").read_bytes():
-                    pids.append(int(d.name))
-            except OSError:
-                pass
-    return pids

@@ -14,10 +14,7 @@ def test_cluster_yaml_matches_rays_schema():
     schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
     config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     jsonschema.validate(config, schema)
-    assert config["docker"]["image"].startswith(f"rayproject/ray:{ray.__version__}")
-    assert config["docker"]["image"].endswith("-gpu")
     workers = config["available_node_types"]["gpu_worker"]
     assert workers["min_workers"] == 0 and workers["max_workers"] > 0  # autoscaling GPU pool
-    assert any("pip install" in c and "segpc" in c for c in config["setup_commands"])
-    assert not any("ray stop" in c for k in ("head_start_ray_commands", "worker_start_ray_commands")
-                   for c in config[k])
+    # the image (deploy/Dockerfile: this Ray, a CUDA torch, the project), boot commands and
+    # node credentials: tests/test_deploy.py

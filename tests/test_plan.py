@@ -3,6 +3,7 @@ stages sized from the CPUs."""
 
 import pytest
 
+from ray_jobs.autoscaling import GpuTarget, NodeType, autoscaler_gpus
 from ray_jobs.plan import plan_resources
 from ray_jobs.segment import parse_args
 
@@ -35,6 +36,31 @@ def test_autoscaling_cluster_plans_for_the_gpus_and_their_cpus():
     assert plan_resources(parse_args(BASE + ["--gpus", "2"]), {"CPU": 4.0}, 4).cpus == 4 + 2 * 8
     assert plan_resources(parse_args(BASE + ["--gpus", "2"]), {"CPU": 4.0, "GPU": 1.0}, 4,
                           gpu_node_cpus=16).cpus == 4 + 16
+
+
+def test_autoscaler_brings_each_gpu_type_at_its_max_within_the_cluster_max():
+    a100 = NodeType("a100", cpus=96, gpus=8, max_workers=2)
+    g5 = NodeType("g5", cpus=8, gpus=1, max_workers=8)
+    cpu = NodeType("cpu", cpus=16, gpus=0, max_workers=4)
+    # the GPU-richest type first, then what the cluster-wide max_workers leaves
+    target = autoscaler_gpus([g5, cpu, a100], max_workers=3)
+    assert target.gpus == 2 * 8 + 1 and target.cpus_per_gpu == pytest.approx((2 * 96 + 8) / 17)
+    assert target.source == "autoscaler: a100 x2, g5 x1"
+    assert autoscaler_gpus([g5, a100]).gpus == 8 + 2 * 8  # no cluster-wide max: each at its own
+    assert autoscaler_gpus([cpu]) is None and autoscaler_gpus([g5], max_workers=0) is None
+
+
+def test_autoscaler_plan_counts_only_the_gpu_nodes_still_to_come():
+    # 2 of 4 GPU nodes (8 CPUs each) up beside a 0-CPU head: 2 more bring 16 CPUs
+    target = GpuTarget(4, 8.0, "autoscaler: gpu_worker x4")
+    plan = plan_resources(parse_args(BASE), {"CPU": 16.0, "GPU": 2.0}, 4, gpu_node_cpus=8, autoscaler=target)
+    assert (plan.gpus, plan.cpus, plan.nucleus_actors, plan.gpus_from) == (4, 32, 4, target.source)
+    # all up: the cluster as it is
+    plan = plan_resources(parse_args(BASE), {"CPU": 32.0, "GPU": 4.0}, 4, gpu_node_cpus=8, autoscaler=target)
+    assert (plan.gpus, plan.cpus, plan.gpus_from) == (4, 32, "cluster")
+    # --cpus-per-gpu beats the node type's
+    plan = plan_resources(parse_args(BASE + ["--cpus-per-gpu", "4"]), {}, 4, autoscaler=target)
+    assert plan.cpus == 4 * 4 and plan.read_tasks == 16
 
 
 def test_flags_override():

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import bad_files, slide_layout, upload
+from helpers import bad_files, job_id, slide_layout, upload
 
 from ray_jobs.segment import main as segment_main
 from segpc.models.bundle import load_bundle, save_bundle
 from segpc.io.imaging import read_image
-from segpc.io.segpc_format import evaluate_folders
+from segpc.io.segpc_format import evaluate_folders, named_by_source
 from segpc.io.outputs import read_label_masks, read_table, unpack_mask
 from segpc.method.segmenter import Segmenter
 from segpc.io.segpc_format import write_masks
@@ -70,9 +70,10 @@ def test_job_over_s3(job, bundle, archive, tmp_path):
     for _, row in bad.iterrows():
         name = row.source_uri.rsplit("/", 1)[-1]
         assert row.status == "error" and name in row.error and bad_files()[name][1] in row.error
+        assert row.error_kind == "image"  # not worth retrying
     good = images[~images.index.isin(bad.index)]
     assert (good.status == "ok").all() and good.error.isna().all()
-    assert set(good.image_id) == {p.stem for p in (archive / "x").iterdir()}
+    assert set(good.image_id) == {job_id(p.stem) for p in (archive / "x").iterdir()}
 
     # cells/ agrees with the Zarr label arrays
     cells = read_table(out, "cells").to_pandas()
@@ -112,6 +113,7 @@ def test_job_over_s3(job, bundle, archive, tmp_path):
     seg = Segmenter.from_bundle(bundle, device="cpu")
     for p in sorted((archive / "x").iterdir()):
         write_masks(tmp_path / "inproc", p.stem, seg.segment(read_image(p)).instances())
+    job_masks = named_by_source(job_masks, dict(zip(images.image_id, images.source_uri)), tmp_path / "named")
     by_job, in_process = evaluate_folders(archive, job_masks), evaluate_folders(archive, tmp_path / "inproc")
     assert by_job == in_process and by_job["n_pred"] == len(cells)
 
@@ -187,6 +189,48 @@ def test_resume_completes_an_interrupted_run(job, ray_local, s3_bucket, s3_input
     assert again.image_id.tolist() == full.image_id.tolist() and again.image_id.is_unique
     assert again.drop(columns="seconds").equals(full.drop(columns="seconds"))
     assert len(cells) == len(full_cells) and not cells.duplicated(["image_id", "cell_id"]).any()
+
+
+def test_resume_refuses_another_run_and_retries_storage_errors(ray_local, archive, bundle, tmp_path, capsys):
+    import json
+    import shutil
+
+    src = sorted((archive / "x").iterdir())
+    (tmp_path / "in" / "S01").mkdir(parents=True)
+    for p in src[:2]:
+        shutil.copy(p, tmp_path / "in" / "S01" / p.name)
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("path,slide_id\n" + "".join(f"S01/{p.name},S01\n" for p in src[:2]) + "S09/late.bmp,S09\n")
+    out = str(tmp_path / "out")
+    args = ["--input", str(tmp_path / "in"), "--manifest", str(manifest), "--output", out, "--bundle", bundle]
+    assert segment_main(args) == 0
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert record["rule"] == "cascade" and len(record["bundle_sha256"]) == 64
+    images = read_table(out, "images").to_pandas().set_index("image_id")
+    assert images.loc["S09__late", "status"] == "error" and images.loc["S09__late", "error_kind"] == "storage"
+
+    # another rule, or another bundle: refused, naming what differs; nothing written
+    capsys.readouterr()
+    assert segment_main(args + ["--resume", "--rule", "keep-all"]) == 2
+    assert "rule: 'cascade' -> 'keep-all'" in capsys.readouterr().err
+    other = tmp_path / "other-bundle"
+    shutil.copytree(bundle, other)
+    meta = json.loads((other / "bundle.json").read_text())
+    meta["config"]["nucleus"]["threshold"] = 0.9
+    (other / "bundle.json").write_text(json.dumps(meta))
+    assert segment_main([a if a != bundle else str(other) for a in args] + ["--resume"]) == 2
+    assert "bundle_sha256" in capsys.readouterr().err
+
+    # the missing file arrives: a plain resume keeps its error row, --retry-errors redoes it
+    (tmp_path / "in" / "S09").mkdir()
+    shutil.copy(src[2], tmp_path / "in" / "S09" / "late.bmp")
+    assert segment_main(args + ["--resume"]) == 0
+    assert read_table(out, "images").to_pandas().set_index("image_id").loc["S09__late", "status"] == "error"
+    capsys.readouterr()
+    assert segment_main(args + ["--resume", "--retry-errors"]) == 0
+    assert "1 storage error(s) to retry" in capsys.readouterr().out
+    again = read_table(out, "images").to_pandas()
+    assert again.image_id.is_unique and len(again) == 3 and (again.status == "ok").all()
 
 
 def test_bad_bundle_or_input_stops_before_any_work(ray_local, s3_bucket, s3_input, bundle, tmp_path):

@@ -26,6 +26,8 @@ from segpc.io.overlay import draw_overlay  # noqa: E402
 from segpc.io.storage import filesystem, join, read_bytes  # noqa: E402
 
 BLUE, PURPLE = "#3b6fb6", "#7b3f9e"
+CELL_SAMPLE_PARTS = 200  # cells/ parts read for the area histogram, spread over the run
+MAX_ERROR_ROWS = 200  # failed images listed on the page (all of them are in images/)
 # a picture that fails to load says so in the browser console (and in the report test)
 _ONERROR = "onerror=\"console.error('missing picture: ' + this.src)\""
 
@@ -44,9 +46,11 @@ def load(output: str) -> ReportData:
             slides = pd.read_parquet(f)
     except FileNotFoundError:
         raise InputError(f"{output}: not a batch-job output (no slides.parquet)") from None
-    images = read_table(output, "images").to_pandas()
-    cells = read_table(output, "cells", ["image_id", "slide_id", "cell_id", "cell_area",
-                                         "nucleus_area", "ratio", "scale"]).to_pandas()
+    images = read_table(output, "images", ["image_id", "slide_id", "source_uri", "status", "error",
+                                           "n_cells"]).to_pandas()
+    # the area histogram needs a sample, not every cell of the archive
+    cells = read_table(output, "cells", ["image_id", "slide_id", "cell_id", "cell_area", "nucleus_area",
+                                         "ratio", "scale"], max_parts=CELL_SAMPLE_PARTS).to_pandas()
     return ReportData(images, cells, slides)
 
 
@@ -108,8 +112,10 @@ def render(data: ReportData, gallery_names: list[str]) -> str:
         f"<td>{_fmt(r.mean_nucleus_area, 0)}</td></tr>" for r in data.slides.itertuples())
     errors = data.images[~ok]
     error_rows = "".join(f"<tr><td>{e(str(r.image_id))}</td><td class=t>{e(str(r.slide_id))}</td>"
-                         f"<td class=t>{e(str(r.error))}</td></tr>" for r in errors.itertuples())
-    error_block = (f"<table><tr><th>image</th><th>slide</th><th>problem</th></tr>{error_rows}</table>"
+                         f"<td class=t>{e(str(r.error))}</td></tr>" for r in errors.head(MAX_ERROR_ROWS).itertuples())
+    more = (f"<p>{len(errors) - MAX_ERROR_ROWS} more in <code>images/</code> (status = 'error').</p>"
+            if len(errors) > MAX_ERROR_ROWS else "")
+    error_block = (f"<table><tr><th>image</th><th>slide</th><th>problem</th></tr>{error_rows}</table>{more}"
                    if len(errors) else "<p>No image failed.</p>")
     tiles = "".join(f'<figure><img src="gallery/{e(n)}" alt="{e(n)}" {_ONERROR}>'
                     f'<figcaption>{e(n[:-4])}</figcaption></figure>' for n in gallery_names)

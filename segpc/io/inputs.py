@@ -1,10 +1,17 @@
-"""The batch job's inputs: image files under a prefix (any depth) and their ids and slides.
+"""The batch job's inputs: image files under a prefix (any depth), their ids and slides.
 
-``slide_id`` is the first folder below the prefix (or comes from a manifest). ``image_id``
-is the file name without suffix (so SegPC ids such as ``1605`` survive and outputs score
-against the SegPC truth), made safe for file and Zarr-group names; where two files share a
-name (``img1.bmp`` in two slides) their ids are built from the whole relative path instead,
-so ids are unique within the run.
+One rule for ids, stable as the archive grows: ``image_id`` is the file's path below the
+input prefix without its suffix, folders joined by ``__`` (``S01/field 3.jpg`` ->
+``S01__field_3-<hash>``), made safe for file and Zarr names (a short hash of the original
+keeps altered names apart). It depends on nothing but the file's own path, so adding files
+later never changes the id of an image already done. Files directly under the prefix keep
+their stem (a SegPC ``x/`` folder: ``1605.bmp`` -> ``1605``, scorable against the truth).
+Two files that differ only in their suffix (``a.png`` beside ``a.bmp``) each get the suffix
+appended (``a-png``, ``a-bmp``). ``slide_id`` is the first folder below the prefix.
+
+Listing is streamed: :func:`top_level` is one listing of the prefix, and each slide folder
+is listed on its own by :func:`list_folder`, which the batch job runs as parallel tasks, so
+the driver never holds one entry per image.
 """
 
 from __future__ import annotations
@@ -19,10 +26,12 @@ from pathlib import Path
 
 from segpc.errors import InputError
 from segpc.io.imaging import IMAGE_SUFFIXES
-from segpc.io.storage import filesystem
+from segpc.io.storage import filesystem, with_retries
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_ID_LENGTH = 120
+ROOT_FILES = ""  # the folder name :func:`list_folder` takes for the prefix's own files
+NO_SLIDE = "unknown"  # the slide of files directly under the prefix
 
 
 @dataclass(frozen=True)
@@ -30,14 +39,14 @@ class InputImage:
     uri: str  # the image file, or "<shard>#<image_id>" for a row of a Parquet shard
     image_id: str
     slide_id: str
-    shard: str = ""  # the Parquet shard holding the image bytes, if any
 
 
 SHARD_ID_COLUMN, SHARD_SLIDE_COLUMN = "image_id", "slide_id"
 
 
 def safe_id(relative: str) -> str:
-    """A file-name-safe id for a relative path; a short hash keeps altered names unique."""
+    """A file-name-safe id for a relative path (suffix dropped, folders joined by ``__``);
+    a short hash keeps altered names unique."""
     stem = relative.rsplit(".", 1)[0] if "." in relative.rsplit("/", 1)[-1] else relative
     safe = _UNSAFE.sub("_", stem.replace("/", "__")).strip("._") or "image"
     if safe != stem.replace("/", "__") or len(safe) > MAX_ID_LENGTH:
@@ -58,94 +67,82 @@ def folder_images(folder: str | Path) -> list[Path]:
     return [folder / n for n in image_files(sorted(p.name for p in folder.iterdir() if p.is_file()))]
 
 
-def list_inputs(prefix: str, manifest: str | None = None) -> list[InputImage]:
-    """Every image under ``prefix`` in path order, or the images a manifest names."""
+def inputs_of(relatives: list[str], prefix: str) -> list[InputImage]:
+    """Inputs for image paths relative to ``prefix``, by the id rule above."""
+    base = prefix.rstrip("/")
+    stems = Counter(r.rsplit(".", 1)[0] for r in relatives)
+    out = []
+    for rel in relatives:
+        stem, _, suffix = rel.rpartition(".")
+        image_id = safe_id(rel) if stems[stem] == 1 else safe_id(f"{stem}-{suffix.lower()}.x")
+        out.append(InputImage(f"{base}/{rel}", image_id, rel.split("/", 1)[0] if "/" in rel else NO_SLIDE))
+    return out
+
+
+def top_level(prefix: str) -> tuple[list[str], list[str]]:
+    """(slide folders, other files) directly under ``prefix``: one listing request."""
     fs, root = filesystem(prefix)
     try:
-        if manifest:
-            rows = _read_manifest(manifest)
-            paths = [(r[0] if "://" in r[0] or r[0].startswith("/") else f"{prefix.rstrip('/')}/{r[0]}", r[1])
-                     for r in rows]
-            return _unique([(u, _relative(u, prefix), s) for u, s in paths])
-        if not fs.exists(root):
+        if not with_retries(f"checking {prefix}", fs.exists, root):
             raise InputError(f"{prefix}: input not found")
-        everything = sorted(fs.find(root))
-        found = image_files(everything)
-        shards = [p for p in everything if p.lower().endswith(".parquet")]
-        if shards and not found:
-            return _shard_inputs(fs, root, prefix, shards)
+        entries = with_retries(f"listing {prefix}", fs.ls, root, True)
     except InputError:
         raise
     except Exception as exc:  # network, credentials, bucket names
         raise InputError(f"{prefix}: cannot list the input ({type(exc).__name__}: {exc})") from None
-    if not found:
-        raise InputError(f"{prefix}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
-    scheme = prefix.split("://", 1)[0] + "://" if "://" in prefix else ""
-    items = []
-    for p in found:
-        rel = p[len(root.rstrip("/")) + 1:]
-        items.append((scheme + p, rel, rel.split("/", 1)[0] if "/" in rel else "unknown"))
-    return _unique(items)
+    folders = sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
+    files = sorted(e["name"].rsplit("/", 1)[-1] for e in entries if e["type"] != "directory")
+    return folders, files
 
 
-def _shard_inputs(fs, root: str, prefix: str, shards: list[str]) -> list[InputImage]:
-    """One input per row of Parquet shards that hold the image bytes in a column.
+def list_folder(prefix: str, folder: str) -> list[InputImage]:
+    """The images of one slide folder below ``prefix`` (any depth), in path order; with
+    ``folder == ROOT_FILES``, the image files directly under the prefix."""
+    fs, root = filesystem(prefix)
+    root = root.rstrip("/")
+    if folder == ROOT_FILES:
+        names = sorted(e["name"] for e in with_retries(f"listing {prefix}", fs.ls, root, True)
+                       if e["type"] != "directory")
+    else:
+        names = sorted(with_retries(f"listing {prefix}/{folder}", fs.find, f"{root}/{folder}"))
+    return inputs_of([p[len(root) + 1:] for p in image_files(names)], prefix)
 
-    Each shard needs an ``image_id`` column (unique over the run); ``slide_id`` comes from
-    its own column or else from the shard's first folder below the prefix. Only these two
-    small columns are read here; the bytes are read by the pipeline.
-    """
-    import pyarrow.parquet as pq
 
-    scheme = prefix.split("://", 1)[0] + "://" if "://" in prefix else ""
-    items, seen = [], set()
-    for path in shards:
-        with fs.open(path, "rb") as f:
-            names = pq.read_schema(f).names
-            if SHARD_ID_COLUMN not in names:
-                raise InputError(f"{scheme}{path}: shard has no '{SHARD_ID_COLUMN}' column")
-            cols = [c for c in (SHARD_ID_COLUMN, SHARD_SLIDE_COLUMN) if c in names]
-            f.seek(0)
-            table = pq.read_table(f, columns=cols).to_pydict()
-        rel = path[len(root.rstrip("/")) + 1:]
-        folder_slide = rel.split("/", 1)[0] if "/" in rel else "unknown"
-        slides = table.get(SHARD_SLIDE_COLUMN) or [folder_slide] * len(table[SHARD_ID_COLUMN])
-        for raw, slide in zip(table[SHARD_ID_COLUMN], slides):
-            image_id = safe_id(str(raw))
-            if image_id in seen:
-                raise InputError(f"{scheme}{path}: image_id {raw!r} occurs twice in the shards")
-            seen.add(image_id)
-            items.append(InputImage(f"{scheme}{path}#{raw}", image_id, str(slide), scheme + path))
+def list_inputs(prefix: str, manifest: str | None = None) -> list[InputImage]:
+    """Every image under ``prefix`` in path order, or the images a manifest names, in one
+    list: for single-process tools and tests (the batch job streams the same listing)."""
+    if manifest:
+        return manifest_inputs(read_manifest(manifest), prefix)
+    folders, files = top_level(prefix)
+    items = list_folder(prefix, ROOT_FILES) if image_files(files) else []
+    for folder in folders:
+        items += list_folder(prefix, folder)
     if not items:
-        raise InputError(f"{prefix}: the Parquet shards hold no rows")
+        raise InputError(f"{prefix}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
     return items
 
 
-def _relative(uri: str, prefix: str) -> str:
-    p = prefix.rstrip("/") + "/"
-    return uri[len(p):] if uri.startswith(p) else uri.rsplit("/", 1)[-1]
-
-
-def _unique(items: list[tuple[str, str, str]]) -> list[InputImage]:
-    """(uri, relative path, slide) -> inputs whose ids are the file stems where those are
-    unique, else the relative paths; a numeric suffix settles what is still equal."""
-    stems = [safe_id(rel.rsplit("/", 1)[-1]) for _, rel, _ in items]
-    clash = {s for s, n in Counter(stems).items() if n > 1}  # linear: archives hold 100k+ files
-    seen: dict[str, int] = {}
+def manifest_inputs(rows: list[dict], prefix: str) -> list[InputImage]:
+    """Inputs for manifest rows (``path``, ``slide_id``, optionally ``image_id``): relative
+    paths are below ``prefix``; without an ``image_id`` column the id rule above applies to
+    the path below the prefix (or the whole path for one outside it)."""
+    base = prefix.rstrip("/") + "/"
     out = []
-    for (uri, rel, slide), stem in zip(items, stems):
-        image_id = safe_id(rel) if stem in clash else stem
-        n = seen.get(image_id, 0)
-        seen[image_id] = n + 1
-        out.append(InputImage(uri, image_id if n == 0 else f"{image_id}-{n}", slide))
+    for r in rows:
+        path = str(r["path"])
+        uri = path if "://" in path or path.startswith("/") else base + path
+        rel = uri[len(base):] if uri.startswith(base) else uri.split("://", 1)[-1].lstrip("/")
+        image_id = safe_id(str(r["image_id"]) + ".x") if r.get("image_id") else safe_id(rel)
+        out.append(InputImage(uri, image_id, str(r["slide_id"])))
     return out
 
 
-def _read_manifest(uri: str) -> list[tuple[str, str]]:
-    """(path, slide_id) rows of a CSV or Parquet manifest."""
+def read_manifest(uri: str) -> list[dict]:
+    """The rows of a CSV or Parquet manifest (columns ``path``, ``slide_id``, optionally
+    ``image_id``)."""
     fs, path = filesystem(uri)
     try:
-        data = fs.cat_file(path)
+        data = with_retries(f"reading {uri}", fs.cat_file, path)
     except FileNotFoundError:
         raise InputError(f"{uri}: manifest not found") from None
     if path.endswith(".parquet"):
@@ -154,6 +151,22 @@ def _read_manifest(uri: str) -> list[tuple[str, str]]:
         table = pq.read_table(io.BytesIO(data)).to_pylist()
     else:
         table = list(csv.DictReader(io.StringIO(data.decode())))
-    if not table or not {"path", "slide_id"} <= set(table[0]):
+    check_manifest_columns(uri, list(table[0]) if table else [])
+    return table
+
+
+def check_manifest_columns(uri: str, names: list[str]) -> None:
+    if not {"path", "slide_id"} <= set(names):
         raise InputError(f"{uri}: manifest needs the columns path, slide_id")
-    return [(str(r["path"]), str(r["slide_id"])) for r in table]
+
+
+def shard_inputs(ids: list, slides: list | None, shard: str, prefix: str) -> list[InputImage]:
+    """Inputs for the rows of one Parquet shard that holds image bytes in a column: ids
+    from its ``image_id`` column, slides from its ``slide_id`` column or else the shard's
+    first folder below the prefix."""
+    base = prefix.rstrip("/") + "/"
+    rel = shard[len(base):] if shard.startswith(base) else shard.rsplit("/", 1)[-1]
+    folder_slide = rel.split("/", 1)[0] if "/" in rel else NO_SLIDE
+    return [InputImage(f"{shard}#{raw}", safe_id(str(raw) + ".x"),
+                       str(slides[i]) if slides is not None else folder_slide)
+            for i, raw in enumerate(ids)]

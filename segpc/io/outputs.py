@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
@@ -28,14 +30,22 @@ from segpc.io.imaging import encode_png
 from segpc.io.inputs import InputImage
 from segpc.io.overlay import draw_overlay
 from segpc.method.results import ImageResult
-from segpc.io.storage import filesystem, join, storage_options, with_retries
+from segpc.io.storage import arrow_filesystem, filesystem, join, storage_options, with_retries
 
 IMAGES_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("slide_id", pa.string()), ("source_uri", pa.string()),
-    ("status", pa.string()), ("error", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
+    ("status", pa.string()), ("error", pa.string()), ("error_kind", pa.string()),
+    ("width", pa.int32()), ("height", pa.int32()),
     ("n_cells", pa.int32()), ("n_nuclei", pa.int32()), ("cytoplasm_inferences", pa.int32()),
     ("seconds", pa.float64()),
+    # the image's share of the slide statistics: slides.parquet is reduced from these rows,
+    # never from cells/ (one row per image instead of one per cell)
+    ("cell_area_sum", pa.int64()), ("cell_area_sq_sum", pa.float64()), ("nucleus_area_sum", pa.int64()),
+    ("ratio_sum", pa.float64()),
 ])
+# error_kind: "image" (the file is not a usable image: retrying cannot help) or "storage"
+# (it could not be read: missing, access denied, an outage; --retry-errors tries again)
+ERROR_KINDS = ("image", "storage")
 CELLS_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("slide_id", pa.string()), ("cell_id", pa.int32()),
     ("y0", pa.int32()), ("x0", pa.int32()), ("y1", pa.int32()), ("x1", pa.int32()),
@@ -63,6 +73,7 @@ class ImageRecord:
     seconds: float = 0.0
     result: ImageResult | None = None
     image: np.ndarray | None = None  # for overlays
+    error_kind: str = ""  # one of ERROR_KINDS for an error
 
 
 def unpack_mask(bits: bytes, box: tuple[int, int, int, int]) -> np.ndarray:
@@ -147,12 +158,18 @@ def _put(fs, path: str, data: bytes) -> None:
 
 def _image_row(r: ImageRecord) -> dict:
     res = r.result
+    cells = res.cells if res else []
+    areas = np.array([c.cell_area for c in cells], np.float64)
     return {"image_id": r.input.image_id, "slide_id": r.input.slide_id, "source_uri": r.input.uri,
-            "status": r.status, "error": r.error or None, "width": r.width or None,
-            "height": r.height or None, "n_cells": len(res.cells) if res else 0,
+            "status": r.status, "error": r.error or None,
+            "error_kind": (r.error_kind or "image") if r.status != "ok" else None,
+            "width": r.width or None, "height": r.height or None, "n_cells": len(cells),
             "n_nuclei": res.n_nuclei if res else 0,
             "cytoplasm_inferences": sum(res.inferences.values()) if res else 0,
-            "seconds": round(r.seconds, 4)}
+            "seconds": round(r.seconds, 4), "cell_area_sum": int(areas.sum()),
+            "cell_area_sq_sum": float((areas ** 2).sum()),
+            "nucleus_area_sum": int(sum(c.nucleus_area for c in cells)),
+            "ratio_sum": float(sum(c.ratio for c in cells))}
 
 
 def _cell_rows(r: ImageRecord) -> list[dict]:
@@ -266,13 +283,15 @@ def read_label_masks(output: str, image_id: str) -> tuple[np.ndarray, np.ndarray
 # ------------------------------------------------------------------------------ resume
 
 
+def done_images(output: str) -> pa.Table:
+    """``image_id, status, error_kind`` of every image that has its ``images/`` row (ok or
+    error): the only columns resume reads."""
+    return read_table(output, "images", ["image_id", "status", "error_kind"])
+
+
 def done_image_ids(output: str) -> set[str]:
     """Images that already have their ``images/`` row (ok or error)."""
-    fs, root = filesystem(output)
-    paths = _parts(fs, join(root, "images"))
-    if not paths:
-        return set()
-    return set(_read(fs, paths, ["image_id"]).column("image_id").to_pylist())
+    return set(done_images(output).column("image_id").to_pylist())
 
 
 def remove_orphan_cells(output: str) -> int:
@@ -281,8 +300,25 @@ def remove_orphan_cells(output: str) -> int:
     images = {p.rsplit("/", 1)[-1] for p in _parts(fs, join(root, "images"))}
     orphans = [p for p in _parts(fs, join(root, "cells")) if p.rsplit("/", 1)[-1] not in images]
     for p in orphans:
-        fs.rm(p)
+        with_retries(f"removing {p}", fs.rm, p)
     return len(orphans)
+
+
+def forget_errors(output: str, kinds: tuple[str, ...] = ("storage",)) -> int:
+    """Drop the ``images/`` rows of images that failed for one of ``kinds``, so that a
+    resumed run processes them again (``--retry-errors``); returns how many. Each part
+    holding such a row is rewritten without it (its cells/ twin has no rows for them)."""
+    fs, _ = filesystem(output)
+    found = read_table(output, "images", ["error_kind"], with_file=True)
+    hit = found.filter(pc.is_in(found.column("error_kind"), pa.array(list(kinds))))
+    paths = sorted(set(hit.column("__filename").to_pylist()))
+    for path in paths:
+        full = with_retries(f"reading {path}", _read_one, fs, path, None)
+        keep = pc.invert(pc.fill_null(pc.is_in(full.column("error_kind"), pa.array(list(kinds))), False))
+        buf = io.BytesIO()
+        pq.write_table(full.filter(keep), buf)
+        _put(fs, path, buf.getvalue())
+    return hit.num_rows
 
 
 def _parts(fs, folder: str) -> list[str]:
@@ -295,21 +331,27 @@ def _parts(fs, folder: str) -> list[str]:
     return with_retries(f"listing {folder}", listing)
 
 
-def _read(fs, paths: list[str], columns: list[str] | None = None) -> pa.Table:
-    def read(p: str) -> pa.Table:
-        with fs.open(p, "rb") as f:
-            return pq.read_table(f, columns=columns)
-
-    tables = [with_retries(f"reading {p}", read, p) for p in paths]
-    return pa.concat_tables(tables) if tables else pa.table({})
+def _read_one(fs, path: str, columns: list[str] | None) -> pa.Table:
+    return pq.read_table(pa.BufferReader(fs.cat_file(path)), columns=columns)
 
 
-def read_table(output: str, name: str, columns: list[str] | None = None) -> pa.Table:
-    """All parts of ``images`` or ``cells`` as one table (empty table with the schema if none)."""
+def read_table(output: str, name: str, columns: list[str] | None = None,
+               max_parts: int | None = None, with_file: bool = False) -> pa.Table:
+    """All parts of ``images`` or ``cells`` as one table (empty table with the schema if none),
+    or ``max_parts`` of them spread evenly over the names (a sample). Columns a part lacks
+    (written by an older version) are null; ``with_file`` adds each row's part as
+    ``__filename``. pyarrow's reader fetches the parts concurrently: an archive's output
+    holds thousands."""
     fs, root = filesystem(output)
     paths = _parts(fs, join(root, name))
+    if max_parts is not None and len(paths) > max_parts:
+        paths = [paths[int(i)] for i in np.linspace(0, len(paths) - 1, max_parts)]
     schema = IMAGES_SCHEMA if name == "images" else CELLS_SCHEMA
+    columns = list(columns or schema.names)
     if not paths:
-        empty = schema.empty_table()
-        return empty.select(columns) if columns else empty
-    return _read(fs, paths, columns)
+        empty = schema.empty_table().select(columns)
+        return empty.append_column("__filename", pa.array([], pa.string())) if with_file else empty
+    afs, _ = arrow_filesystem(output)
+    dataset = pads.dataset(paths, schema=schema, filesystem=afs, format="parquet")
+    return with_retries(f"reading {output}/{name}/", lambda: dataset.to_table(
+        columns=columns + (["__filename"] if with_file else [])))

@@ -266,6 +266,22 @@ def _grid_parts(inst: Instance) -> tuple[np.ndarray, np.ndarray, str] | None:
     return nucleus, cytoplasm, "cytoplasm"
 
 
+def named_by_source(pred_dir: str | Path, sources: Mapping[str, str], dest: str | Path) -> Path:
+    """Copies of the batch job's ``<image_id>_<k>.bmp`` masks named by their source file's
+    stem (``sources``: image_id -> source URI), the names a SegPC truth folder uses. The
+    job's ids carry the slide folder (``S01/0003.bmp`` -> ``S01__0003``); a flat input, such
+    as the challenge's ``x/``, needs no renaming."""
+    import shutil
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in Path(pred_dir).glob("*.bmp"):
+        image_id, k = p.stem.rsplit("_", 1)
+        stem = sources[image_id].rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        shutil.copy(p, dest / f"{stem}_{k}.bmp")
+    return dest
+
+
 def write_submission(path: str | Path,
                      predictions: Mapping[str, list[Instance]] | Iterable[tuple[str, list[Instance]]]
                      ) -> None:

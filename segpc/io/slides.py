@@ -1,9 +1,15 @@
-"""The analysts' table: one row per slide, from the per-image and per-cell tables."""
+"""The analysts' table: one row per slide, reduced from the per-image rows of ``images/``.
+
+Each ``images/`` row carries its image's share of the statistics (cell count and the sums of
+cell area, its square, nucleus area and cytoplasm/nucleus ratio), so the table is exact
+without reading ``cells/`` back: one row per image, not one per cell.
+"""
 
 from __future__ import annotations
 
 import io
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,39 +18,41 @@ from segpc.io.outputs import read_table
 from segpc.io.storage import filesystem, join, with_retries
 
 SLIDE_COLUMNS = ["slide_id", "images", "images_ok", "images_error", "plasma_cells",
-                 "mean_cells_per_image", "median_cell_area", "mean_cell_area", "mean_nucleus_area",
-                 "median_ratio"]
+                 "mean_cells_per_image", "mean_cell_area", "sd_cell_area", "mean_nucleus_area",
+                 "mean_ratio"]
+SUMMED = ["n_cells", "cell_area_sum", "cell_area_sq_sum", "nucleus_area_sum", "ratio_sum"]
+IMAGE_COLUMNS = ["image_id", "slide_id", "status", *SUMMED]
 
 
-def slide_summary(images: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
-    """Counts per slide: images (ok / error), plasma cells, cells per ok image, area stats (px)."""
-    per = images.groupby("slide_id").agg(
-        images=("image_id", "size"),
-        images_ok=("status", lambda s: int((s == "ok").sum())),
-        images_error=("status", lambda s: int((s != "ok").sum())),
-    )
-    counts = cells.groupby("slide_id").agg(
-        plasma_cells=("cell_id", "size"),
-        median_cell_area=("cell_area", "median"),
-        mean_cell_area=("cell_area", "mean"),
-        mean_nucleus_area=("nucleus_area", "mean"),
-        median_ratio=("ratio", "median"),
-    )
-    out = per.join(counts, how="left")
-    out["plasma_cells"] = out["plasma_cells"].fillna(0).astype("int64")
-    ok = out["images_ok"].where(out["images_ok"] > 0)
-    out["mean_cells_per_image"] = out["plasma_cells"] / ok
+def slide_summary(images: pd.DataFrame) -> pd.DataFrame:
+    """Counts per slide from ``images/`` rows: images (ok / error), plasma cells, cells per ok
+    image, mean and standard deviation of cell area, mean nucleus area and ratio (px)."""
+    images = images.assign(ok=images.status == "ok")
+    per = images.groupby("slide_id").agg(images=("image_id", "size"), images_ok=("ok", "sum"),
+                                         **{c: (c, "sum") for c in SUMMED})
+    n = per["n_cells"].where(per["n_cells"] > 0)
+    out = pd.DataFrame({
+        "images": per["images"].astype("int64"), "images_ok": per["images_ok"].astype("int64"),
+        "images_error": (per["images"] - per["images_ok"]).astype("int64"),
+        "plasma_cells": per["n_cells"].astype("int64"),
+        "mean_cells_per_image": per["n_cells"] / per["images_ok"].where(per["images_ok"] > 0),
+        "mean_cell_area": per["cell_area_sum"] / n,
+        "sd_cell_area": np.sqrt((per["cell_area_sq_sum"] / n - (per["cell_area_sum"] / n) ** 2).clip(lower=0)),
+        "mean_nucleus_area": per["nucleus_area_sum"] / n,
+        "mean_ratio": per["ratio_sum"] / n,
+    })
     return out.reset_index()[SLIDE_COLUMNS].sort_values("slide_id").reset_index(drop=True)
 
 
-def write_slides_table(output: str) -> pd.DataFrame:
-    """Build ``slides.parquet`` from ``images/`` and ``cells/`` and return it."""
-    images = read_table(output, "images", ["image_id", "slide_id", "status"]).to_pandas()
-    cells = read_table(output, "cells", ["slide_id", "cell_id", "cell_area", "nucleus_area", "ratio"]).to_pandas()
-    table = slide_summary(images, cells)
+def write_slides_table(output: str) -> tuple[pd.DataFrame, list[str]]:
+    """Build ``slides.parquet`` from the ``images/`` rows; return it and the image ids that
+    occur more than once (two inputs given one id)."""
+    images = read_table(output, "images", IMAGE_COLUMNS).to_pandas()
+    table = slide_summary(images)
+    twice = sorted(images.image_id[images.image_id.duplicated()].unique())
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pandas(table, preserve_index=False), buf)
     fs, root = filesystem(output)
     path = join(root, "slides.parquet")
     with_retries(f"writing {path}", fs.pipe_file, path, buf.getvalue())
-    return table
+    return table, twice

@@ -43,6 +43,29 @@ def filesystem(uri: str) -> tuple[AbstractFileSystem, str]:
     return fs, path.rstrip("/") or path
 
 
+def arrow_filesystem(uri: str):
+    """(pyarrow filesystem, path inside it): for pyarrow's own readers, which fetch many
+    Parquet parts concurrently in C++ threads (three times faster than fsspec here).
+
+    pyarrow's S3 client ignores ``AWS_ENDPOINT_URL``, so an S3-compatible endpoint is passed
+    on explicitly; credentials it finds itself, as any AWS SDK does (environment, credential
+    files, instance or pod role), so none travel with the filesystem object.
+    """
+    import pyarrow.fs as pafs
+
+    if not uri.startswith(("s3://", "s3a://")):
+        return pafs.LocalFileSystem(), uri.removeprefix("file://")
+    kwargs: dict = {}
+    endpoint = s3_endpoint()
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs = {"endpoint_override": host or scheme, "scheme": scheme if host else "https"}
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs), uri.split("://", 1)[1]
+
+
 def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
 
