@@ -1,7 +1,8 @@
 """The batch job: segment every image under an input prefix with Ray Data.
 
     python -m ray_jobs.segment --input URI --output URI --bundle BUNDLE_URI
-        [--segpc-masks] [--overlays] [--keep-all] [--resume [--retry-errors]] [--manifest CSV]
+        [--segpc-masks] [--overlays] [--geojson] [--mpp UM] [--keep-all] [--resume [--retry-errors]]
+        [--manifest CSV]
 
 --input is a prefix of image files (any depth; the first folder is the slide), or of
 Parquet shards with the image bytes in a column (--image-column) beside image_id and,
@@ -46,6 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "and optionally slide_id, beside it)")
     p.add_argument("--segpc-masks", action="store_true", help="also write segpc/<id>_<k>.bmp (40/20)")
     p.add_argument("--overlays", action="store_true", help="also write overlays/<id>.png QC pictures")
+    p.add_argument("--geojson", action="store_true",
+                   help="also write geojson/<id>.geojson: the cells as QuPath cell objects (File > Import objects)")
+    p.add_argument("--mpp", type=_positive, default=None,
+                   help="pixel size in micrometres per pixel: areas in um^2 too (GeoJSON measurements, "
+                        "run.json, the report)")
     p.add_argument("--rule", choices=["cascade", "best", "keep-all"], default="cascade",
                    help="aggregation: cascade (default), best (every scale, best kept), keep-all")
     p.add_argument("--keep-all", action="store_true",
@@ -95,6 +101,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number: {text}")
+    return value
+
+
 # ----------------------------------------------------------------------------- pipeline
 
 
@@ -113,7 +126,8 @@ def build_pipeline(args: argparse.Namespace, plan: Plan, config, done_ref=None):
     env = worker_runtime_env() or None
     common = {"batch_size": plan.batch_size, "batch_format": "numpy", "runtime_env": env}
     ds = input_dataset(args, done_ref, env)
-    writer = {"output": args.output, "segpc_masks": args.segpc_masks, "overlays": args.overlays}
+    writer = {"output": args.output, "segpc_masks": args.segpc_masks, "overlays": args.overlays,
+              "geojson": args.geojson, "mpp": args.mpp}
     if plan.fuse:  # CPU cluster: each actor runs every step of its images, reading included,
         # so no decoded image crosses the object store
         return ds.map_batches(Segment, fn_constructor_kwargs={
@@ -203,7 +217,7 @@ def run(args: argparse.Namespace) -> dict:
     meta = read_bundle_meta(args.bundle)  # a bad bundle stops here, before any work
     config = Config.from_dict(meta["config"])
     record = run_record(args.bundle, meta, args.rule, args.input, args.manifest, args.image_column,
-                        args.max_pixels, args.segpc_masks, args.overlays)
+                        args.max_pixels, args.segpc_masks, args.overlays, args.geojson, args.mpp)
     done_ref, n_done = None, 0
     if args.resume:
         check_resumable(args.output, record)
@@ -255,7 +269,8 @@ def run(args: argparse.Namespace) -> dict:
     print(slides[["slide_id", "images", "images_error", "plasma_cells", "mean_cells_per_image"]]
           .to_string(index=False), flush=True)
     print(f"[segment] outputs: {args.output}/{{images,cells}}/, slides.parquet, masks.zarr, run.json"
-          + (", segpc/" if args.segpc_masks else "") + (", overlays/" if args.overlays else ""), flush=True)
+          + (", segpc/" if args.segpc_masks else "") + (", overlays/" if args.overlays else "")
+          + (", geojson/" if args.geojson else ""), flush=True)
     return {**counts, "wall_s": wall}
 
 

@@ -193,7 +193,8 @@ class Segment(_Networks):
     round trip cost as much CPU as segmenting."""
 
     def __init__(self, bundle_uri: str, threads: int, rule: str, batch_size: int, output: str,
-                 segpc_masks: bool, overlays: bool, max_pixels: int | None = None):
+                 segpc_masks: bool, overlays: bool, max_pixels: int | None = None,
+                 geojson: bool = False, mpp: float | None = None):
         from segpc.method.segmenter import Segmenter, cell_net, nucleus_net
 
         self._load(bundle_uri, threads, None, True, rule)
@@ -201,7 +202,7 @@ class Segment(_Networks):
                                    cell_net(self.bundle, "cpu", batch_size * 4))
         self.keep_image, self.max_pixels = overlays, max_pixels
         self.decode_config = self.config.to_dict()  # read_decode's argument, built once per actor
-        self.write = Finalize(self.config.to_dict(), output, segpc_masks, overlays, rule)
+        self.write = Finalize(self.config.to_dict(), output, segpc_masks, overlays, rule, geojson, mpp)
 
     def __call__(self, batch: dict) -> dict:
         from segpc.method.steps import find, run_cells, run_nucleus, take_candidates
@@ -227,13 +228,14 @@ class Finalize:
     batch (``images/`` part last). It needs no torch, so it starts in a fraction of the time
     the model actors take, while they are starting too."""
 
-    def __init__(self, config: dict, output: str, segpc_masks: bool, overlays: bool, rule: str):
+    def __init__(self, config: dict, output: str, segpc_masks: bool, overlays: bool, rule: str,
+                 geojson: bool = False, mpp: float | None = None):
         from segpc.config import Config
         from segpc.io.outputs import OutputWriter
 
         self.config = Config.from_dict(config)
         self.config.aggregation.mode = rule
-        self.writer = OutputWriter(output, segpc_masks, overlays)
+        self.writer = OutputWriter(output, segpc_masks, overlays, geojson, mpp)
 
     def __call__(self, batch: dict) -> dict:
         from segpc.io.inputs import InputImage

@@ -50,7 +50,7 @@ def job(s3_server, ray_local, archive, bundle):
     bundle_uri = f"{prefix}/bundles/tiny"
     save_bundle(load_bundle(bundle), bundle_uri)
     args = ["--input", in_uri, "--output", f"{prefix}/out", "--bundle", bundle_uri, "--segpc-masks",
-            "--overlays", "--max-pixels", MAX_PIXELS, "--progress-every", "5"]
+            "--overlays", "--geojson", "--mpp", "0.25", "--max-pixels", MAX_PIXELS, "--progress-every", "5"]
     assert segment_main(args) == 0
     return {"input": in_uri, "files": files, "output": f"{prefix}/out", "args": args}
 
@@ -96,6 +96,18 @@ def test_job_over_s3(job, bundle, archive, tmp_path):
     fs, root_path = filesystem(out)
     keys = sorted(p.split("/masks.zarr/", 1)[1] for p in fs.find(f"{root_path}/masks.zarr"))
     assert keys == sorted(["zarr.json", *(f"{i}/{k}" for i in good.image_id for k in ("c/0/0/0", "zarr.json"))])
+
+    # --geojson: one FeatureCollection per ok image, a QuPath cell per cells/ row
+    import json
+
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{root_path}/geojson"))
+    assert names == sorted(f"{i}.geojson" for i in good.image_id)
+    for image_id, n in zip(good.image_id, good.n_cells):
+        features = json.loads(fs.cat_file(f"{root_path}/geojson/{image_id}.geojson"))["features"]
+        assert len(features) == n
+        assert sorted(f["properties"]["measurements"]["cell_id"] for f in features) == \
+            sorted(cells[cells.image_id == image_id].cell_id)
+        assert all("nucleusGeometry" in f and "cell_area_um2" in f["properties"]["measurements"] for f in features)
 
     # slides.parquet totals equal cells/
     import pyarrow.parquet as pq

@@ -1,7 +1,7 @@
 """The batch job's outputs under one ``--output`` URI, written idempotently.
 
 ``images/`` and ``cells/`` are Parquet parts written in pairs (one pair per batch, one
-name): cells first, then the label masks, overlays and SegPC masks, and the ``images/``
+name): cells first, then the label masks, overlays, SegPC masks and GeoJSON cells, and the ``images/``
 part last. An image counts as done only once its ``images/`` row exists; ``--resume``
 deletes ``cells/`` parts left without their ``images/`` part by an interruption and skips
 the done images, so the finished set is complete and duplicate-free.
@@ -86,8 +86,10 @@ def unpack_mask(bits: bytes, box: tuple[int, int, int, int]) -> np.ndarray:
 class OutputWriter:
     """Writes batches of :class:`ImageRecord` (one pair of Parquet parts per batch)."""
 
-    def __init__(self, output: str, segpc_masks: bool = False, overlays: bool = False):
+    def __init__(self, output: str, segpc_masks: bool = False, overlays: bool = False,
+                 geojson: bool = False, mpp: float | None = None):
         self.output, self.segpc_masks, self.overlays = output.rstrip("/"), segpc_masks, overlays
+        self.geojson, self.mpp = geojson, mpp  # mpp: micrometres per pixel, for the _um2 measurements
         self.fs, self.root = filesystem(self.output)
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="segpc-write")
         self.group_written = False
@@ -125,6 +127,11 @@ class OutputWriter:
             for inst in r.result.instances():
                 _put(self.fs, join(self.root, "segpc", f"{r.input.image_id}_{inst.k}.bmp"),
                      _bmp(inst.to_segpc_mask()))
+        if self.geojson:  # QuPath cell objects; an image without cells gets an empty collection
+            from segpc.io.geojson import geojson_bytes
+
+            _put(self.fs, join(self.root, "geojson", f"{r.input.image_id}.geojson"),
+                 geojson_bytes(r.result, r.input.image_id, self.mpp))
 
 
 def _bmp(mask: np.ndarray) -> bytes:

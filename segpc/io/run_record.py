@@ -2,9 +2,9 @@
 
 Written under the output prefix before any image is processed. ``--resume`` compares the
 record of the run being resumed with its own and refuses when anything that changes the
-results differs (the bundle's content, the rule, the inputs, the options of decoding),
-naming each difference; other differences (the code version, which extra files are
-written) are reported and the run goes on.
+results differs (the bundle's content, the rule, the inputs, the options of decoding, the
+pixel size ``--mpp`` of the µm² measurements), naming each difference; other differences
+(the code version, which extra files are written) are reported and the run goes on.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from segpc.io.storage import filesystem, join, with_retries
 
 RUN_FILE = "run.json"
 # a difference in these refuses --resume: the outputs would mix two methods or two inputs
-RESULT_KEYS = ("bundle_sha256", "rule", "input", "manifest", "image_column", "max_pixels")
+RESULT_KEYS = ("bundle_sha256", "rule", "input", "manifest", "image_column", "max_pixels", "mpp")
 # a difference in these is reported only
-NOTED_KEYS = ("segpc_version", "code_commit", "bundle", "segpc_masks", "overlays")
+NOTED_KEYS = ("segpc_version", "code_commit", "bundle", "segpc_masks", "overlays", "geojson")
 
 
 def bundle_checksum(meta: dict) -> str:
@@ -42,10 +42,12 @@ def code_commit() -> str | None:
 
 
 def run_record(bundle: str, bundle_meta: dict, rule: str, input: str, manifest: str | None,
-               image_column: str, max_pixels: int | None, segpc_masks: bool, overlays: bool) -> dict:
+               image_column: str, max_pixels: int | None, segpc_masks: bool, overlays: bool,
+               geojson: bool = False, mpp: float | None = None) -> dict:
     return {"bundle": bundle, "bundle_sha256": bundle_checksum(bundle_meta), "rule": rule,
             "input": input.rstrip("/"), "manifest": manifest, "image_column": image_column,
             "max_pixels": max_pixels, "segpc_masks": segpc_masks, "overlays": overlays,
+            "geojson": geojson, "mpp": mpp,
             "segpc_version": __version__, "code_commit": code_commit(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
