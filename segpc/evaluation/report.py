@@ -1,9 +1,12 @@
 """The analysts' report: one self-contained HTML page and its PNG figures.
 
-Built from a batch job's ``images/``, ``cells/`` and ``slides.parquet``: per-slide
-plasma-cell counts, cells per image, cell and nucleus areas, the images that failed and
-why, and a gallery of QC overlays (outlines and cell ids drawn on the images). It needs no
-server: open ``report/index.html`` from the output folder (or a copy of it).
+Built from a batch job's ``images/``, ``cells/``, ``slides.parquet`` and ``run.json``:
+per-slide plasma-cell counts, cells per image, cell and nucleus areas (in µm² too when the
+run knew the pixel size, ``--mpp``), the images that failed and why, a per-image table that
+sorts on a header click (at most MAX_IMAGE_ROWS rows: the page stays small for an archive
+of a million images), and a gallery of QC overlays (outlines and cell ids drawn on the
+images), the images with the most cells first. It needs no server and loads nothing from
+elsewhere: open ``report/index.html`` from the output folder (or a copy of it).
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ from segpc.errors import InputError  # noqa: E402
 from segpc.io.imaging import decode_image, encode_png  # noqa: E402
 from segpc.io.outputs import read_label_masks, read_table  # noqa: E402
 from segpc.io.overlay import draw_overlay  # noqa: E402
+from segpc.io.run_record import read_run_record  # noqa: E402
 from segpc.io.storage import filesystem, join, read_bytes  # noqa: E402
 
 BLUE, PURPLE = "#3b6fb6", "#7b3f9e"
 CELL_SAMPLE_PARTS = 200  # cells/ parts read for the area histogram, spread over the run
 MAX_ERROR_ROWS = 200  # failed images listed on the page (all of them are in images/)
+MAX_IMAGE_ROWS = 500  # rows of the per-image table (all of them are in images/)
 # a picture that fails to load says so in the browser console (and in the report test)
 _ONERROR = "onerror=\"console.error('missing picture: ' + this.src)\""
 
@@ -37,6 +42,7 @@ class ReportData:
     images: pd.DataFrame
     cells: pd.DataFrame
     slides: pd.DataFrame
+    mpp: float | None = None  # micrometres per pixel (run.json's ``mpp``), when the run knew it
 
 
 def load(output: str) -> ReportData:
@@ -47,11 +53,12 @@ def load(output: str) -> ReportData:
     except FileNotFoundError:
         raise InputError(f"{output}: not a batch-job output (no slides.parquet)") from None
     images = read_table(output, "images", ["image_id", "slide_id", "source_uri", "status", "error",
-                                           "n_cells"]).to_pandas()
+                                           "n_cells", "n_nuclei"]).to_pandas()
     # the area histogram needs a sample, not every cell of the archive
     cells = read_table(output, "cells", ["image_id", "slide_id", "cell_id", "cell_area", "nucleus_area",
                                          "ratio", "scale"], max_parts=CELL_SAMPLE_PARTS).to_pandas()
-    return ReportData(images, cells, slides)
+    record = read_run_record(output) or {}
+    return ReportData(images, cells, slides, record.get("mpp"))
 
 
 def _png(fig) -> bytes:
@@ -79,22 +86,30 @@ def figures(data: ReportData) -> dict[str, bytes]:
     out["cells_per_image.png"] = _png(fig)
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
+    unit = data.mpp ** 2 if data.mpp else 1.0  # µm² per pixel, or pixels
     if len(data.cells):
-        hi = float(np.percentile(data.cells.cell_area, 99))
-        bins = np.linspace(0, max(hi, 1), 30)
-        ax.hist(data.cells.cell_area.clip(upper=hi), bins=bins, alpha=0.7, color=BLUE, label="cell")
-        ax.hist(data.cells.nucleus_area.clip(upper=hi), bins=bins, alpha=0.7, color=PURPLE, label="nucleus")
+        cell, nucleus = data.cells.cell_area * unit, data.cells.nucleus_area * unit
+        hi = float(np.percentile(cell, 99))
+        bins = np.linspace(0, hi if hi > 0 else 1, 30)
+        ax.hist(cell.clip(upper=hi), bins=bins, alpha=0.7, color=BLUE, label="cell")
+        ax.hist(nucleus.clip(upper=hi), bins=bins, alpha=0.7, color=PURPLE, label="nucleus")
         ax.legend()
-    ax.set(title="Cell and nucleus areas", xlabel="area (pixels)", ylabel="cells")
+    ax.set(title="Cell and nucleus areas", xlabel="area (µm²)" if data.mpp else "area (pixels)", ylabel="cells")
     out["areas.png"] = _png(fig)
     return out
 
 
+def gallery_rows(data: ReportData, limit: int = 12) -> pd.DataFrame:
+    """The gallery's images, in its order: the most cells first (then by id)."""
+    ok = data.images[data.images.status == "ok"]
+    return ok.sort_values(["n_cells", "image_id"], ascending=[False, True]).head(limit)
+
+
 def gallery(output: str, data: ReportData, limit: int = 12) -> dict[str, bytes]:
-    """QC overlays for up to ``limit`` images, most cells first: image + label masks."""
-    ok = data.images[data.images.status == "ok"].sort_values(["n_cells", "image_id"], ascending=[False, True])
+    """QC overlays for up to ``limit`` images, most cells first (the dict's order): image +
+    label masks."""
     out = {}
-    for row in ok.head(limit).itertuples():
+    for row in gallery_rows(data, limit).itertuples():
         image = decode_image(read_bytes(row.source_uri), row.source_uri)
         nuclei, cells = read_label_masks(output, row.image_id)
         out[f"{row.image_id}.png"] = encode_png(draw_overlay(image, nuclei, cells))
@@ -102,14 +117,21 @@ def gallery(output: str, data: ReportData, limit: int = 12) -> dict[str, bytes]:
 
 
 def render(data: ReportData, gallery_names: list[str]) -> str:
-    """The HTML page; numbers come straight from the tables."""
+    """The HTML page; numbers come straight from the tables. ``gallery_names`` are shown in
+    their order (the gallery's: most cells first)."""
     e = html.escape
     ok = data.images.status == "ok"
+    um2 = data.mpp ** 2 if data.mpp else None
     slides_rows = "".join(
         f"<tr><td>{e(str(r.slide_id))}</td><td>{r.images}</td><td>{r.images_ok}</td>"
         f"<td>{r.images_error}</td><td class=n>{r.plasma_cells}</td>"
         f"<td>{_fmt(r.mean_cells_per_image)}</td><td>{_fmt(r.mean_cell_area, 0)}</td>"
-        f"<td>{_fmt(r.mean_nucleus_area, 0)}</td></tr>" for r in data.slides.itertuples())
+        f"<td>{_fmt(r.mean_nucleus_area, 0)}</td>"
+        + (f"<td>{_fmt(_times(r.mean_cell_area, um2), 1)}</td><td>{_fmt(_times(r.mean_nucleus_area, um2), 1)}</td>"
+           if um2 else "") + "</tr>" for r in data.slides.itertuples())
+    um2_heads = "<th>mean cell area (µm²)</th><th>mean nucleus area (µm²)</th>" if um2 else ""
+    pixel_size = (f"<p>Pixel size {data.mpp:g} µm (run.json <code>mpp</code>): areas in µm² too.</p>"
+                  if um2 else "")
     errors = data.images[~ok]
     error_rows = "".join(f"<tr><td>{e(str(r.image_id))}</td><td class=t>{e(str(r.slide_id))}</td>"
                          f"<td class=t>{e(str(r.error))}</td></tr>" for r in errors.head(MAX_ERROR_ROWS).itertuples())
@@ -119,12 +141,13 @@ def render(data: ReportData, gallery_names: list[str]) -> str:
                    if len(errors) else "<p>No image failed.</p>")
     tiles = "".join(f'<figure><img src="gallery/{e(n)}" alt="{e(n)}" {_ONERROR}>'
                     f'<figcaption>{e(n[:-4])}</figcaption></figure>' for n in gallery_names)
+    image_block = _image_table(data.images)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Plasma-cell report</title>
 <style>
 body{{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}}
 table{{border-collapse:collapse;margin:1em 0}} td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
-th{{background:#f0f0f5}} td.t{{text-align:left}} td:first-child,th:first-child{{text-align:left}} td.n{{font-weight:bold}}
+th{{background:#f0f0f5}} table.sortable th{{cursor:pointer}} td.l,th.l{{text-align:left}} td.t{{text-align:left}} td:first-child,th:first-child{{text-align:left}} td.n{{font-weight:bold}}
 .charts img{{max-width:100%;margin:0.5em 1em 0.5em 0}} .summary span{{margin-right:2em;font-size:1.2em}}
 .gallery{{display:grid;grid-template-columns:repeat(auto-fill,minmax(320px,1fr));gap:12px}}
 figure{{margin:0}} figure img{{width:100%;border:1px solid #ccc}} figcaption{{font-size:0.85em;color:#555}}
@@ -134,17 +157,68 @@ figure{{margin:0}} figure img{{width:100%;border:1px solid #ccc}} figcaption{{fo
 <span>Images: <b id="n-images">{len(data.images)}</b> ({int(ok.sum())} ok, {int((~ok).sum())} failed)</span>
 <span>Plasma cells: <b id="n-cells">{int(data.slides.plasma_cells.sum())}</b></span></p>
 <h2>Per slide</h2>
-<table id="slides"><tr><th>slide</th><th>images</th><th>ok</th><th>failed</th><th>plasma cells</th>
-<th>cells per image</th><th>mean cell area (px)</th><th>mean nucleus area (px)</th></tr>{slides_rows}</table>
+{pixel_size}<table id="slides"><tr><th>slide</th><th>images</th><th>ok</th><th>failed</th><th>plasma cells</th>
+<th>cells per image</th><th>mean cell area (px)</th><th>mean nucleus area (px)</th>{um2_heads}</tr>{slides_rows}</table>
 <div class="charts"><img src="counts.png" alt="plasma cells per slide" {_ONERROR}>
 <img src="cells_per_image.png" alt="cells per image" {_ONERROR}>
 <img src="areas.png" alt="cell and nucleus areas" {_ONERROR}></div>
 <h2>Images that could not be processed</h2>{error_block}
+<h2>Per image</h2>{image_block}
 <h2>Quality control</h2><p>Cell outlines in cyan, nuclei in yellow, numbered as <code>cell_id</code>
 in <code>cells/</code> and <code>masks.zarr</code>; the images with the most cells first.</p>
 <div class="gallery">{tiles}</div>
+<script>{_SORT_JS}</script>
 </body></html>
 """
+
+
+# Click a header of a table.sortable: its rows sort on that column (numbers as numbers),
+# a second click reverses. Inline, a few lines: the page loads nothing from elsewhere.
+_SORT_JS = """
+document.querySelectorAll("table.sortable").forEach(function (table) {
+  var heads = table.querySelectorAll("th");
+  heads.forEach(function (th, col) {
+    th.addEventListener("click", function () {
+      var body = table.tBodies[0], rows = Array.prototype.slice.call(body.rows);
+      var dir = th.getAttribute("data-dir") === "asc" ? -1 : 1;
+      heads.forEach(function (h) { h.removeAttribute("data-dir"); });
+      th.setAttribute("data-dir", dir === 1 ? "asc" : "desc");
+      rows.sort(function (a, b) {
+        var x = a.cells[col].textContent, y = b.cells[col].textContent;
+        var nx = parseFloat(x), ny = parseFloat(y);
+        var cmp = (!isNaN(nx) && !isNaN(ny)) ? nx - ny : x.localeCompare(y);
+        return dir * cmp;
+      });
+      rows.forEach(function (r) { body.appendChild(r); });
+    });
+  });
+});
+"""
+
+
+def _image_table(images: pd.DataFrame) -> str:
+    """The per-image table (sortable in the browser): the first MAX_IMAGE_ROWS images by
+    slide and id, and a note of how many more ``images/`` holds."""
+    e = html.escape
+    if not len(images):
+        return "<p>No image.</p>"
+    shown = images.sort_values(["slide_id", "image_id"]).head(MAX_IMAGE_ROWS)
+    nuclei = shown["n_nuclei"] if "n_nuclei" in shown else pd.Series([None] * len(shown), index=shown.index)
+    rows = "".join(
+        f"<tr><td>{e(str(r.image_id))}</td><td class=l>{e(str(r.slide_id))}</td><td>{int(r.n_cells)}</td>"
+        f"<td>{'' if pd.isna(n) else int(n)}</td><td class=l>{e(str(r.status))}</td>"
+        f"<td class=l>{e(str(r.error)) if r.status != 'ok' and isinstance(r.error, str) else ''}</td></tr>"
+        for r, n in zip(shown.itertuples(), nuclei))
+    more = (f"<p>The first {MAX_IMAGE_ROWS} images by slide and name; {len(images) - MAX_IMAGE_ROWS} more "
+            "are in <code>images/</code>.</p>" if len(images) > MAX_IMAGE_ROWS else "")
+    return (f'<p>Click a column\'s header to sort on it.</p><table id="images" class="sortable"><thead><tr>'
+            "<th>image</th><th class=l>slide</th><th>cells</th><th>nuclei</th><th class=l>status</th><th class=l>error</th>"
+            "</tr></thead>"
+            f"<tbody>{rows}</tbody></table>{more}")
+
+
+def _times(x, factor: float):
+    return None if x is None else x * factor
 
 
 def _fmt(x, digits: int = 2) -> str:
@@ -162,5 +236,5 @@ def build_report(output: str, gallery_size: int = 12) -> str:
     tiles = gallery(output, data, gallery_size)
     for name, png in tiles.items():
         fs.pipe_file(join(base, "gallery", name), png)
-    fs.pipe_file(join(base, "index.html"), render(data, sorted(tiles)).encode())
+    fs.pipe_file(join(base, "index.html"), render(data, list(tiles)).encode())  # the gallery's order
     return join(output, "report", "index.html")
