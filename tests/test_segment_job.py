@@ -160,6 +160,10 @@ def test_report_from_the_job_output(job, tmp_path):
         assert f"<td>{r.slide_id}</td><td>{r.images}</td><td>{r.images_ok}</td><td>{r.images_error}</td>" \
                f"<td class=n>{r.plasma_cells}</td>" in page
     assert page.count("<td class=t>") == 2 * int(slides.images_error.sum())
+    # the per-image table (sortable), every image once; areas in µm² too (the job had --mpp)
+    table = page[page.index('<table id="images" class="sortable">'):]
+    assert table[:table.index("</table>")].count("<tr><td>") == int(slides.images.sum())
+    assert "mean cell area (µm²)" in page
     # it opens in headless Chromium without console errors
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
