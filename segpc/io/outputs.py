@@ -291,9 +291,9 @@ def read_label_masks(output: str, image_id: str) -> tuple[np.ndarray, np.ndarray
 
 
 def done_images(output: str) -> pa.Table:
-    """``image_id, status, error_kind`` of every image that has its ``images/`` row (ok or
-    error): the only columns resume reads."""
-    return read_table(output, "images", ["image_id", "status", "error_kind"])
+    """``image_id`` of every image that has its ``images/`` row (ok or error): the one column
+    resume reads."""
+    return read_table(output, "images", ["image_id"])
 
 
 def done_image_ids(output: str) -> set[str]:
