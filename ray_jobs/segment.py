@@ -1,8 +1,8 @@
 """The batch job: segment every image under an input prefix with Ray Data.
 
     python -m ray_jobs.segment --input URI --output URI --bundle BUNDLE_URI
-        [--segpc-masks] [--overlays] [--geojson] [--mpp UM] [--keep-all] [--resume [--retry-errors]]
-        [--manifest CSV]
+        [--segpc-masks] [--overlays] [--geojson] [--mpp UM] [--keep-all] [--tta]
+        [--resume [--retry-errors]] [--manifest CSV]
 
 --input is a prefix of image files (any depth; the first folder is the slide), or of
 Parquet shards with the image bytes in a column (--image-column) beside image_id and,
@@ -56,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="aggregation: cascade (default), best (every scale, best kept), keep-all")
     p.add_argument("--keep-all", action="store_true",
                    help="same as --rule keep-all: every plausible candidate (published challenge mode)")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time flips: both stages' networks also run on the image flipped left-right, "
+                        "up-down and both, and average the probabilities (about 4x the network time)")
     p.add_argument("--resume", action="store_true",
                    help="complete an earlier run into the same --output: skip images already in images/ "
                         "(refused when the bundle, rule or inputs differ from its run.json)")
@@ -132,13 +135,14 @@ def build_pipeline(args: argparse.Namespace, plan: Plan, config, done_ref=None):
         # so no decoded image crosses the object store
         return ds.map_batches(Segment, fn_constructor_kwargs={
                                   "bundle_uri": args.bundle, "threads": plan.threads, "rule": rule,
-                                  "batch_size": plan.batch_size, "max_pixels": args.max_pixels, **writer},
+                                  "batch_size": plan.batch_size, "max_pixels": args.max_pixels,
+                                  "tta": args.tta, **writer},
                               compute=ray.data.ActorPoolStrategy(size=plan.segment_actors),
                               num_cpus=plan.actor_cpus, **common)
     ds = ds.map_batches(read_decode, fn_kwargs={"max_pixels": args.max_pixels, "config": cfg},
                         compute=ray.data.TaskPoolStrategy(size=plan.read_tasks), num_cpus=plan.task_cpus,
                         **{**common, "batch_size": 4})
-    model = {"bundle_uri": args.bundle, "threads": plan.threads, "rule": rule}
+    model = {"bundle_uri": args.bundle, "threads": plan.threads, "rule": rule, "tta": args.tta}
     ds = ds.map_batches(NucleusNet, fn_constructor_kwargs={**model, "batch_size": plan.batch_size},
                         compute=ray.data.ActorPoolStrategy(size=plan.nucleus_actors),
                         num_gpus=plan.nucleus_gpu or None, num_cpus=plan.actor_cpus, **common)
@@ -217,7 +221,7 @@ def run(args: argparse.Namespace) -> dict:
     meta = read_bundle_meta(args.bundle)  # a bad bundle stops here, before any work
     config = Config.from_dict(meta["config"])
     record = run_record(args.bundle, meta, args.rule, args.input, args.manifest, args.image_column,
-                        args.max_pixels, args.segpc_masks, args.overlays, args.geojson, args.mpp)
+                        args.max_pixels, args.segpc_masks, args.overlays, args.geojson, args.mpp, args.tta)
     done_ref, n_done = None, 0
     if args.resume:
         check_resumable(args.output, record)

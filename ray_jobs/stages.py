@@ -150,11 +150,11 @@ def _check_gpu() -> None:
 class NucleusNet(_Networks):
     """GPU actor: the U-Net, nothing else."""
 
-    def __init__(self, bundle_uri: str, threads: int, rule: str, batch_size: int):
+    def __init__(self, bundle_uri: str, threads: int, rule: str, batch_size: int, tta: bool = False):
         from segpc.method.segmenter import nucleus_net
 
         self._load(bundle_uri, threads, [], True, rule)
-        self.net = nucleus_net(self.bundle, None, batch_size)
+        self.net = nucleus_net(self.bundle, None, batch_size, tta=tta)
 
     def __call__(self, batch: dict) -> dict:
         from segpc.method.steps import run_nucleus
@@ -169,12 +169,13 @@ class NucleusNet(_Networks):
 class CellNet(_Networks):
     """GPU actor: one scale's Attention DeepLabv3+ over the crops queued for it."""
 
-    def __init__(self, bundle_uri: str, scale: float, threads: int, rule: str, batch_size: int):
+    def __init__(self, bundle_uri: str, scale: float, threads: int, rule: str, batch_size: int,
+                 tta: bool = False):
         from segpc.method.segmenter import cell_net
 
         self._load(bundle_uri, threads, [scale], False, rule)
         self.scale = scale
-        self.net = cell_net(self.bundle, None, batch_size)
+        self.net = cell_net(self.bundle, None, batch_size, tta=tta)
 
     def __call__(self, batch: dict) -> dict:
         from segpc.method.steps import run_cells
@@ -194,12 +195,12 @@ class Segment(_Networks):
 
     def __init__(self, bundle_uri: str, threads: int, rule: str, batch_size: int, output: str,
                  segpc_masks: bool, overlays: bool, max_pixels: int | None = None,
-                 geojson: bool = False, mpp: float | None = None):
+                 geojson: bool = False, mpp: float | None = None, tta: bool = False):
         from segpc.method.segmenter import Segmenter, cell_net, nucleus_net
 
         self._load(bundle_uri, threads, None, True, rule)
-        self.segmenter = Segmenter(self.config, nucleus_net(self.bundle, "cpu", batch_size),
-                                   cell_net(self.bundle, "cpu", batch_size * 4))
+        self.segmenter = Segmenter(self.config, nucleus_net(self.bundle, "cpu", batch_size, tta=tta),
+                                   cell_net(self.bundle, "cpu", batch_size * 4, tta=tta))
         self.keep_image, self.max_pixels = overlays, max_pixels
         self.decode_config = self.config.to_dict()  # read_decode's argument, built once per actor
         self.write = Finalize(self.config.to_dict(), output, segpc_masks, overlays, rule, geojson, mpp)

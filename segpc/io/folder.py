@@ -34,14 +34,15 @@ def list_images(folder: str | Path) -> list[Path]:
 
 
 def segment_folder(input_dir: str | Path, bundle: str, out_dir: str | Path, overlays: bool = False,
-                   batch_size: int = 4, device: str | None = None) -> dict:
-    """Segment every image; a bad image is reported and skipped, never fatal."""
+                   batch_size: int = 4, device: str | None = None, tta: bool = False) -> dict:
+    """Segment every image; a bad image is reported and skipped, never fatal. ``tta``:
+    test-time flips in both stages."""
     paths = list_images(input_dir)
     out = Path(out_dir)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     if overlays:
         (out / "overlays").mkdir(exist_ok=True)
-    seg = Segmenter.from_bundle(bundle, device=device, batch_size=16)
+    seg = Segmenter.from_bundle(bundle, device=device, batch_size=16, tta=tta)
     summary = {"images": 0, "errors": 0, "cells": 0}
     with open(out / "images.jsonl", "w") as log, tqdm(total=len(paths), unit="img") as bar:
         for i in range(0, len(paths), batch_size):

@@ -3,7 +3,7 @@
 Written under the output prefix before any image is processed. ``--resume`` compares the
 record of the run being resumed with its own and refuses when anything that changes the
 results differs (the bundle's content, the rule, the inputs, the options of decoding, the
-pixel size ``--mpp`` of the µm² measurements), naming each difference; other differences
+pixel size ``--mpp`` of the µm² measurements, test-time flips ``--tta``), naming each difference; other differences
 (the code version, which extra files are written) are reported and the run goes on.
 """
 
@@ -20,9 +20,11 @@ from segpc.io.storage import filesystem, join, with_retries
 
 RUN_FILE = "run.json"
 # a difference in these refuses --resume: the outputs would mix two methods or two inputs
-RESULT_KEYS = ("bundle_sha256", "rule", "input", "manifest", "image_column", "max_pixels", "mpp")
+RESULT_KEYS = ("bundle_sha256", "rule", "input", "manifest", "image_column", "max_pixels", "mpp", "tta")
 # a difference in these is reported only
 NOTED_KEYS = ("segpc_version", "code_commit", "bundle", "segpc_masks", "overlays", "geojson")
+# what a record written before its key existed meant: runs without test-time flips
+ABSENT = {"tta": False}
 
 
 def bundle_checksum(meta: dict) -> str:
@@ -43,17 +45,18 @@ def code_commit() -> str | None:
 
 def run_record(bundle: str, bundle_meta: dict, rule: str, input: str, manifest: str | None,
                image_column: str, max_pixels: int | None, segpc_masks: bool, overlays: bool,
-               geojson: bool = False, mpp: float | None = None) -> dict:
+               geojson: bool = False, mpp: float | None = None, tta: bool = False) -> dict:
     return {"bundle": bundle, "bundle_sha256": bundle_checksum(bundle_meta), "rule": rule,
             "input": input.rstrip("/"), "manifest": manifest, "image_column": image_column,
             "max_pixels": max_pixels, "segpc_masks": segpc_masks, "overlays": overlays,
-            "geojson": geojson, "mpp": mpp,
+            "geojson": geojson, "mpp": mpp, "tta": tta,
             "segpc_version": __version__, "code_commit": code_commit(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def differences(before: dict, now: dict, keys: tuple[str, ...]) -> list[str]:
     """``key: before -> now`` for each of ``keys`` that differs."""
+    before, now = {**ABSENT, **before}, {**ABSENT, **now}
     return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in keys if before.get(k) != now.get(k)]
 
 

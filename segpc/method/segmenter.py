@@ -17,18 +17,21 @@ from segpc.method.steps import (CellNet, ImageState, NucleusNet, find, finish, p
                                 run_nucleus, take_candidates)
 
 
-def nucleus_net(bundle, device: str | None = None, batch_size: int = 16, amp: bool | None = None) -> NucleusNet:
-    """The bundle's U-Net as a :data:`NucleusNet` on ``device`` (CUDA if present by default)."""
+def nucleus_net(bundle, device: str | None = None, batch_size: int = 16, amp: bool | None = None,
+                tta: bool = False) -> NucleusNet:
+    """The bundle's U-Net as a :data:`NucleusNet` on ``device`` (CUDA if present by default);
+    ``tta``: averaged over test-time flips (see :class:`segpc.models.runner.NetworkRunner`)."""
     from segpc.models.runner import NetworkRunner
 
-    return NetworkRunner(bundle.nucleus, device, batch_size, amp)
+    return NetworkRunner(bundle.nucleus, device, batch_size, amp, tta)
 
 
-def cell_net(bundle, device: str | None = None, batch_size: int = 16, amp: bool | None = None) -> CellNet:
-    """The bundle's loaded cytoplasm networks as one :data:`CellNet`."""
+def cell_net(bundle, device: str | None = None, batch_size: int = 16, amp: bool | None = None,
+             tta: bool = False) -> CellNet:
+    """The bundle's loaded cytoplasm networks as one :data:`CellNet` (``tta`` as in :func:`nucleus_net`)."""
     from segpc.models.runner import NetworkRunner
 
-    runners = {s: NetworkRunner(m, device, batch_size, amp) for s, m in bundle.cytoplasm.items()}
+    runners = {s: NetworkRunner(m, device, batch_size, amp, tta) for s, m in bundle.cytoplasm.items()}
     return lambda scale, crops: runners[scale](gather_inputs(crops))
 
 
@@ -41,12 +44,13 @@ class Segmenter:
 
     @classmethod
     def from_bundle(cls, uri: str, device: str | None = None, batch_size: int = 16,
-                    amp: bool | None = None) -> "Segmenter":
+                    amp: bool | None = None, tta: bool = False) -> "Segmenter":
+        """``tta``: both stages average their probabilities over test-time flips (4x the network time)."""
         from segpc.models.bundle import load_bundle
 
         bundle = load_bundle(uri, device="cpu")
-        return cls(bundle.config, nucleus_net(bundle, device, batch_size, amp),
-                   cell_net(bundle, device, batch_size, amp))
+        return cls(bundle.config, nucleus_net(bundle, device, batch_size, amp, tta),
+                   cell_net(bundle, device, batch_size, amp, tta))
 
     def with_config(self, config: Config) -> "Segmenter":
         """The same networks under other settings (fewer scales, another aggregation mode)."""

@@ -26,6 +26,21 @@ def to_channels_last(model: nn.Module) -> nn.Module:
     return model
 
 
+FLIPS = ((), (-1,), (-2,), (-2, -1))  # test-time flips of (..., H, W): none, horizontal, vertical, both
+
+
+def flip_batch(t: torch.Tensor) -> torch.Tensor:
+    """(n, C, H, W) -> (4n, C, H, W): the batch as is, then flipped left-right, up-down and
+    both, every channel together (the cytoplasm network's nucleus guidance with its RGB)."""
+    return torch.cat([t.flip(f) if f else t for f in FLIPS])
+
+
+def unflip_mean(p: torch.Tensor) -> torch.Tensor:
+    """(4n, H, W) outputs of :func:`flip_batch`'s copies -> (n, H, W): each flipped back, averaged."""
+    parts = p.chunk(len(FLIPS))
+    return sum(q.flip(f) if f else q for q, f in zip(parts, FLIPS)) / len(FLIPS)
+
+
 class NetworkRunner:
     """Callable: a batch of inputs -> (N, H, W) float32 sigmoid probabilities.
 
@@ -33,16 +48,22 @@ class NetworkRunner:
     as bytes and become floats in [0, 1] there: a quarter of the copy, no CPU work), or
     (N, C, H, W) float32 already in [0, 1]. On CUDA it runs in bf16 autocast (fp16 where bf16
     is unsupported) with channels_last and copies inputs through pinned memory; on CPU fp32.
+
+    ``tta``: test-time flips. Each input also runs flipped left-right, up-down and both; the
+    four sigmoid probabilities, flipped back, are averaged. The copies share one forward pass
+    of at most ``max(batch_size, 4)`` inputs (``batch_size // 4`` images per pass), so the
+    peak memory stays that of the plain runner; the cost is 4x the network time.
     """
 
     def __init__(self, model: nn.Module, device: str | torch.device | None = None,
-                 batch_size: int = 16, amp: bool | None = None):
+                 batch_size: int = 16, amp: bool | None = None, tta: bool = False):
         self.device = pick_device(device) if not isinstance(device, torch.device) else device
         self.cuda = self.device.type == "cuda"
         self.model = model.to(self.device).eval()
         if self.cuda:
             to_channels_last(self.model)
         self.batch_size = max(1, int(batch_size))
+        self.tta = bool(tta)
         self.amp = self.cuda if amp is None else (amp and self.cuda)
         self.amp_dtype = torch.bfloat16 if self.cuda and torch.cuda.is_bf16_supported() else torch.float16
 
@@ -51,22 +72,28 @@ class NetworkRunner:
         if len(x) == 0:
             return np.zeros((0,) + (x.shape[1:3] if x.dtype == np.uint8 else x.shape[2:]), np.float32)
         out = []
-        for i in range(0, len(x), self.batch_size):
-            chunk = x[i:i + self.batch_size]
+        step = max(1, self.batch_size // len(FLIPS)) if self.tta else self.batch_size  # images per pass
+        for i in range(0, len(x), step):
+            chunk = x[i:i + step]
             n = len(chunk)
-            if self.cuda and n < self.batch_size:
+            if self.cuda and n < step:
                 # A few batch shapes only: cuDNN plans (and compiles, for bf16) per shape, so
                 # the cascade's ever-changing crop counts would otherwise pay that each call.
-                padded = min(self.batch_size, 1 << (n - 1).bit_length())
+                padded = min(step, 1 << (n - 1).bit_length())
                 chunk = np.concatenate([chunk, np.zeros((padded - n,) + chunk.shape[1:], chunk.dtype)])
             t = torch.from_numpy(np.ascontiguousarray(chunk))
             if self.cuda:
                 t = t.pin_memory().to(self.device, non_blocking=True)
             if t.dtype == torch.uint8:
                 t = t.permute(0, 3, 1, 2).float().div_(255.0)
+            if self.tta:
+                t = flip_batch(t)
             if self.cuda:
                 t = t.contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
                 logits = self.model(t)
-            out.append(torch.sigmoid(logits.float())[:n, 0].cpu().numpy())
+            prob = torch.sigmoid(logits.float())[:, 0]
+            if self.tta:
+                prob = unflip_mean(prob)
+            out.append(prob[:n].cpu().numpy())
         return np.concatenate(out)
