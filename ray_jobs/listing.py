@@ -14,13 +14,13 @@ import hashlib
 
 import numpy as np
 
-from ray_jobs.common import pyarrow_filesystem
 from segpc.errors import InputError
 from segpc.io.imaging import IMAGE_SUFFIXES
 
 
 FOLDERS_PER_TASK = 8
 LISTING_TASKS = 2
+ROWS_PER_CHUNK = 1024
 
 
 def _rows(items) -> dict:
@@ -68,88 +68,121 @@ def list_folders(batch: dict, prefix: str, done: list) -> dict:
     return _take(rows, _not_done(rows["image_id"], done))
 
 
-def manifest_rows(batch: dict, prefix: str, done: list) -> dict:
-    from segpc.io.inputs import manifest_inputs
+def manifest_rows(batch: dict, prefix: str, done: list):
+    """Map task: the rows of the manifest(s) in the batch, minus those done, in chunks."""
+    from segpc.io.inputs import manifest_inputs, read_manifest
 
-    names = list(batch)
-    rows = _rows(manifest_inputs([{k: batch[k][i] for k in names} for i in range(len(batch["path"]))], prefix))
-    return _take(rows, _not_done(rows["image_id"], done))
+    for uri in batch["manifest"]:
+        rows = read_manifest(str(uri))
+        for i in range(0, len(rows), ROWS_PER_CHUNK):
+            out = _rows(manifest_inputs(rows[i:i + ROWS_PER_CHUNK], prefix))
+            yield _take(out, _not_done(out["image_id"], done))
 
 
-def shard_rows(batch: dict, prefix: str, image_column: str, scheme: str, done: list) -> dict:
-    """Parquet-shard rows -> the read stage's columns (bytes in ``data``), minus those done."""
+def list_shards(batch: dict, prefix: str) -> dict:
+    """Map task: the Parquet shards of each folder in the batch."""
+    from segpc.io.inputs import ROOT_FILES
+    from segpc.io.storage import filesystem, with_retries
+
+    fs, root = filesystem(prefix)
+    root = root.rstrip("/")
+    scheme = prefix.split("://", 1)[0] + "://" if "://" in prefix else ""
+    shards = []
+    for folder in batch["folder"]:
+        if folder == ROOT_FILES:
+            names = [e["name"] for e in with_retries(f"listing {prefix}", fs.ls, root, True) if e["type"] != "directory"]
+        else:
+            names = with_retries(f"listing {prefix}/{folder}", fs.find, f"{root}/{folder}")
+        shards += sorted(scheme + n for n in names if n.lower().endswith(".parquet"))
+    return {"shard": np.array(shards, dtype=object)}
+
+
+def shard_rows(batch: dict, prefix: str, image_column: str, done: list):
+    """Map task: each shard's rows -> the read stage's columns (bytes in ``data``), minus
+    those done, a few row groups' worth at a time (a shard may hold gigabytes)."""
+    import pyarrow.parquet as pq
+
     from ray_jobs.stages import object_column
     from segpc.io.inputs import shard_inputs
+    from segpc.io.storage import filesystem
 
-    items = []
-    slides = batch.get("slide_id")
-    for i, raw in enumerate(batch["image_id"]):  # a batch may span shards: one row at a time
-        items += shard_inputs([raw], None if slides is None else [slides[i]], scheme + str(batch["path"][i]),
-                              prefix)
-    rows = _rows(items)
-    keep = _not_done(rows["image_id"], done)
-    rows = _take(rows, keep)
-    rows["data"] = object_column([d for d, k in zip(batch[image_column], keep) if k])
-    return rows
+    for shard in batch["shard"]:
+        fs, path = filesystem(str(shard))
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            check_shard_columns(str(shard), pf.schema_arrow.names, image_column)
+            cols = ["image_id", image_column] + (["slide_id"] if "slide_id" in pf.schema_arrow.names else [])
+            for rb in pf.iter_batches(batch_size=16, columns=cols):
+                d = rb.to_pydict()
+                rows = _rows(shard_inputs(d["image_id"], d.get("slide_id"), str(shard), prefix))
+                keep = _not_done(rows["image_id"], done)
+                rows = _take(rows, keep)
+                rows["data"] = object_column([b for b, k in zip(d[image_column], keep) if k])
+                yield rows
 
 
-def input_kind(prefix: str) -> tuple[str, list[str]]:
-    """("images" | "shards", slide folders (plus the root's own files as ``""``)): decided
-    from the top level and, if that holds no files, the first folder's listing."""
+def check_shard_columns(shard: str, names: list[str], image_column: str) -> None:
+    if "image_id" not in names or image_column not in names:
+        raise InputError(f"{shard}: Parquet shards need the columns image_id and {image_column} "
+                         "(--image-column)")
+
+
+def input_kind(prefix: str) -> tuple[str, list[str], str | None]:
+    """("images" | "shards", slide folders (plus the root's own files as ``""``), the first
+    shard found): decided from the top level and, if that holds no files, the first
+    folder's listing."""
     from segpc.io.inputs import ROOT_FILES, image_files, list_folder, top_level
     from segpc.io.storage import filesystem
 
     folders, files = top_level(prefix)
     images, shards = image_files(files), [f for f in files if f.lower().endswith(".parquet")]
-    units = ([ROOT_FILES] if images else []) + folders
+    base = prefix.rstrip("/")
     if images:
-        return "images", units
+        return "images", [ROOT_FILES, *folders], None
     if shards:
-        return "shards", []
+        return "shards", [ROOT_FILES, *folders], f"{base}/{shards[0]}"
     if folders:
         if list_folder(prefix, folders[0]):
-            return "images", units
+            return "images", folders, None
         fs, root = filesystem(prefix)
-        if any(p.lower().endswith(".parquet") for p in fs.find(f"{root.rstrip('/')}/{folders[0]}")):
-            return "shards", []
+        root = root.rstrip("/")
+        found = sorted(p for p in fs.find(f"{root}/{folders[0]}") if p.lower().endswith(".parquet"))
+        if found:
+            return "shards", folders, f"{base}/{found[0][len(root) + 1:]}"
         if len(folders) > 1:
-            return "images", units  # the first folder is empty; the others may not be
+            return "images", folders, None  # the first folder is empty; the others may not be
     raise InputError(f"{prefix}: no images ({', '.join(IMAGE_SUFFIXES)}) or Parquet shards found")
 
 
 def input_dataset(args: argparse.Namespace, done_ref, env: dict | None):
-    """The dataset of images to do (``done_ref``: object-store ref of the done ids, or None)."""
+    """The dataset of images to do (``done_ref``: object-store ref of the done ids, or None).
+    Every task here asks for a quarter of a CPU: Ray Data's own file readers ask for a whole
+    one, which a small cluster's actors may leave no room for."""
     import ray
+
+    from segpc.io.inputs import check_manifest_columns, manifest_columns
 
     done = [done_ref]
     common = {"batch_format": "numpy", "runtime_env": env, "num_cpus": 0.25}
     if args.manifest:
-        fs, path = pyarrow_filesystem(args.manifest)
-        reader = ray.data.read_parquet if path.endswith(".parquet") else ray.data.read_csv
-        ds = reader(path, filesystem=fs)
-        from segpc.io.inputs import check_manifest_columns
-
-        check_manifest_columns(args.manifest, ds.schema().names)
-        return ds.map_batches(manifest_rows, fn_kwargs={"prefix": args.input, "done": done},
-                              batch_size=1024, **common)
-    kind, units = input_kind(args.input)
-    if kind == "shards":
-        fs, path = pyarrow_filesystem(args.input)
-        ds = ray.data.read_parquet(path, filesystem=fs, include_paths=True, num_cpus=0.25,
-                                   file_extensions=["parquet"])
-        names = ds.schema().names
-        if "image_id" not in names or args.image_column not in names:
-            raise InputError(f"{args.input}: Parquet shards need the columns image_id and "
-                             f"{args.image_column} (--image-column)")
-        cols = ["path", "image_id", args.image_column] + (["slide_id"] if "slide_id" in names else [])
-        scheme = args.input.split("://", 1)[0] + "://" if fs is not None else ""
-        return ds.select_columns(cols).map_batches(
-            shard_rows, fn_kwargs={"prefix": args.input, "image_column": args.image_column,
-                                   "scheme": scheme, "done": done}, batch_size=16, **common)
+        check_manifest_columns(args.manifest, manifest_columns(args.manifest))
+        return ray.data.from_items([{"manifest": args.manifest}]).map_batches(
+            manifest_rows, fn_kwargs={"prefix": args.input, "done": done}, batch_size=1, **common)
+    kind, units, first_shard = input_kind(args.input)
     # a task lists a few folders (a folder is one or a few requests; a task costs more), and
     # two at a time keep well ahead of the images' reading
     ds = ray.data.from_items([{"folder": u} for u in units],
                              override_num_blocks=max(1, -(-len(units) // FOLDERS_PER_TASK)))
-    return ds.map_batches(list_folders, fn_kwargs={"prefix": args.input, "done": done},
-                          batch_size=FOLDERS_PER_TASK, compute=ray.data.TaskPoolStrategy(size=LISTING_TASKS),
-                          **common)
+    listing = {"batch_size": FOLDERS_PER_TASK, "compute": ray.data.TaskPoolStrategy(size=LISTING_TASKS), **common}
+    if kind == "shards":
+        from segpc.io.storage import filesystem
+
+        fs, path = filesystem(first_shard)
+        with fs.open(path, "rb") as f:  # a wrong --image-column stops the job before any work
+            import pyarrow.parquet as pq
+
+            check_shard_columns(first_shard, pq.read_schema(f).names, args.image_column)
+        return ds.map_batches(list_shards, fn_kwargs={"prefix": args.input}, **listing).map_batches(
+            shard_rows, fn_kwargs={"prefix": args.input, "image_column": args.image_column, "done": done},
+            batch_size=1, **common)
+    return ds.map_batches(list_folders, fn_kwargs={"prefix": args.input, "done": done}, **listing)

@@ -155,6 +155,20 @@ def read_manifest(uri: str) -> list[dict]:
     return table
 
 
+def manifest_columns(uri: str) -> list[str]:
+    """A manifest's column names, from its header (CSV) or schema (Parquet) alone."""
+    fs, path = filesystem(uri)
+    try:
+        with fs.open(path, "rb") as f:
+            if path.endswith(".parquet"):
+                import pyarrow.parquet as pq
+
+                return pq.read_schema(f).names
+            return next(csv.reader([f.readline().decode()]), [])
+    except FileNotFoundError:
+        raise InputError(f"{uri}: manifest not found") from None
+
+
 def check_manifest_columns(uri: str, names: list[str]) -> None:
     if not {"path", "slide_id"} <= set(names):
         raise InputError(f"{uri}: manifest needs the columns path, slide_id")
