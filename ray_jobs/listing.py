@@ -3,8 +3,8 @@
 The driver makes one listing request (the prefix's top level) and holds one row per slide
 folder; the folders are listed, and the images already done dropped, by tasks that stream
 their rows into the pipeline, so the first image is read while the listing goes on. Parquet
-shards and manifests are read by Ray Data's own readers. Rows: ``uri, image_id, slide_id``
-(and ``data``, the image bytes, for shards).
+shards are listed the same way and read row group by row group; a manifest by one task, in
+chunks. Rows: ``uri, image_id, slide_id`` (and ``data``, the image bytes, for shards).
 """
 
 from __future__ import annotations
