@@ -81,19 +81,10 @@ def manifest_rows(batch: dict, prefix: str, done: list):
 
 def list_shards(batch: dict, prefix: str) -> dict:
     """Map task: the Parquet shards of each folder in the batch."""
-    from segpc.io.inputs import ROOT_FILES
-    from segpc.io.storage import filesystem, with_retries
+    from segpc.io.inputs import folder_files, parquet_files
 
-    fs, root = filesystem(prefix)
-    root = root.rstrip("/")
-    scheme = prefix.split("://", 1)[0] + "://" if "://" in prefix else ""
-    shards = []
-    for folder in batch["folder"]:
-        if folder == ROOT_FILES:
-            names = [e["name"] for e in with_retries(f"listing {prefix}", fs.ls, root, True) if e["type"] != "directory"]
-        else:
-            names = with_retries(f"listing {prefix}/{folder}", fs.find, f"{root}/{folder}")
-        shards += sorted(scheme + n for n in names if n.lower().endswith(".parquet"))
+    base = prefix.rstrip("/")
+    shards = [f"{base}/{rel}" for folder in batch["folder"] for rel in parquet_files(folder_files(prefix, str(folder)))]
     return {"shard": np.array(shards, dtype=object)}
 
 
@@ -131,24 +122,20 @@ def input_kind(prefix: str) -> tuple[str, list[str], str | None]:
     """("images" | "shards", slide folders (plus the root's own files as ``""``), the first
     shard found): decided from the top level and, if that holds no files, the first
     folder's listing."""
-    from segpc.io.inputs import ROOT_FILES, image_files, list_folder, top_level
-    from segpc.io.storage import filesystem
+    from segpc.io.inputs import ROOT_FILES, folder_files, image_files, parquet_files, top_level
 
     folders, files = top_level(prefix)
-    images, shards = image_files(files), [f for f in files if f.lower().endswith(".parquet")]
     base = prefix.rstrip("/")
-    if images:
+    if image_files(files):
         return "images", [ROOT_FILES, *folders], None
-    if shards:
-        return "shards", [ROOT_FILES, *folders], f"{base}/{shards[0]}"
+    if parquet_files(files):
+        return "shards", [ROOT_FILES, *folders], f"{base}/{parquet_files(files)[0]}"
     if folders:
-        if list_folder(prefix, folders[0]):
+        first = folder_files(prefix, folders[0])
+        if image_files(first):
             return "images", folders, None
-        fs, root = filesystem(prefix)
-        root = root.rstrip("/")
-        found = sorted(p for p in fs.find(f"{root}/{folders[0]}") if p.lower().endswith(".parquet"))
-        if found:
-            return "shards", folders, f"{base}/{found[0][len(root) + 1:]}"
+        if parquet_files(first):
+            return "shards", folders, f"{base}/{parquet_files(first)[0]}"
         if len(folders) > 1:
             return "images", folders, None  # the first folder is empty; the others may not be
     raise InputError(f"{prefix}: no images ({', '.join(IMAGE_SUFFIXES)}) or Parquet shards found")

@@ -213,7 +213,7 @@ def run(args: argparse.Namespace) -> dict:
     from ray_jobs.common import init_ray
     from ray_jobs.listing import id_hashes
     from segpc.config import Config
-    from segpc.io.outputs import done_images, forget_errors, remove_orphan_cells
+    from segpc.io.outputs import done_images, forget_errors, has_results, remove_orphan_cells
     from segpc.io.slides import write_slides_table
     from segpc.models.bundle import read_bundle_meta
 
@@ -235,7 +235,7 @@ def run(args: argparse.Namespace) -> dict:
     else:
         if args.retry_errors:
             raise InputError("--retry-errors completes an earlier run: pass --resume too")
-        if done_images(args.output).num_rows or read_run_record(args.output):
+        if read_run_record(args.output) or has_results(args.output):
             raise InputError(f"{args.output} already holds results: pass --resume to complete them, "
                              "or choose another --output")
     init_ray()

@@ -95,17 +95,26 @@ def top_level(prefix: str) -> tuple[list[str], list[str]]:
     return folders, files
 
 
-def list_folder(prefix: str, folder: str) -> list[InputImage]:
-    """The images of one slide folder below ``prefix`` (any depth), in path order; with
-    ``folder == ROOT_FILES``, the image files directly under the prefix."""
+def folder_files(prefix: str, folder: str) -> list[str]:
+    """Every file of one slide folder below ``prefix`` (any depth), as sorted paths relative
+    to the prefix; with ``folder == ROOT_FILES``, the files directly under the prefix."""
     fs, root = filesystem(prefix)
     root = root.rstrip("/")
     if folder == ROOT_FILES:
-        names = sorted(e["name"] for e in with_retries(f"listing {prefix}", fs.ls, root, True)
-                       if e["type"] != "directory")
+        names = [e["name"] for e in with_retries(f"listing {prefix}", fs.ls, root, True)
+                 if e["type"] != "directory"]
     else:
-        names = sorted(with_retries(f"listing {prefix}/{folder}", fs.find, f"{root}/{folder}"))
-    return inputs_of([p[len(root) + 1:] for p in image_files(names)], prefix)
+        names = with_retries(f"listing {prefix}/{folder}", fs.find, f"{root}/{folder}")
+    return sorted(p[len(root) + 1:] for p in names)
+
+
+def parquet_files(relatives: list[str]) -> list[str]:
+    return [r for r in relatives if r.lower().endswith(".parquet")]
+
+
+def list_folder(prefix: str, folder: str) -> list[InputImage]:
+    """The images of one slide folder below ``prefix`` (see :func:`folder_files`), in path order."""
+    return inputs_of(image_files(folder_files(prefix, folder)), prefix)
 
 
 def list_inputs(prefix: str, manifest: str | None = None) -> list[InputImage]:

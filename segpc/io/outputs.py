@@ -45,7 +45,6 @@ IMAGES_SCHEMA = pa.schema([
 ])
 # error_kind: "image" (the file is not a usable image: retrying cannot help) or "storage"
 # (it could not be read: missing, access denied, an outage; --retry-errors tries again)
-ERROR_KINDS = ("image", "storage")
 CELLS_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("slide_id", pa.string()), ("cell_id", pa.int32()),
     ("y0", pa.int32()), ("x0", pa.int32()), ("y1", pa.int32()), ("x1", pa.int32()),
@@ -73,7 +72,7 @@ class ImageRecord:
     seconds: float = 0.0
     result: ImageResult | None = None
     image: np.ndarray | None = None  # for overlays
-    error_kind: str = ""  # one of ERROR_KINDS for an error
+    error_kind: str = ""  # "image" or "storage" for an error (see above)
 
 
 def unpack_mask(bits: bytes, box: tuple[int, int, int, int]) -> np.ndarray:
@@ -294,6 +293,12 @@ def done_images(output: str) -> pa.Table:
     """``image_id`` of every image that has its ``images/`` row (ok or error): the one column
     resume reads."""
     return read_table(output, "images", ["image_id"])
+
+
+def has_results(output: str) -> bool:
+    """Whether ``images/`` holds any part: one listing, no part read."""
+    fs, root = filesystem(output)
+    return bool(_parts(fs, join(root, "images")))
 
 
 def done_image_ids(output: str) -> set[str]:
