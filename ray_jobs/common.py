@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from contextlib import contextmanager
 
 import pyarrow.fs as pafs
@@ -25,17 +26,22 @@ def init_ray(num_cpus: int | None = None) -> None:
 
 
 def quiet_ray_data() -> None:
-    """The jobs print their own progress; Ray Data's progress bars, plans and INFO lines go
-    to its log file only (``logs/ray-data.log`` of the Ray session: /tmp/ray/session_latest
+    """The jobs print their own progress; Ray Data's progress bars, plans, INFO lines and
+    warnings go to its log file only (``logs/ray-data.log`` of the Ray session: /tmp/ray/session_latest
     on the head node). Set in the driver, it reaches the datasets' coordinators too."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    # The rows' ``work`` column holds Python objects by design; said explicitly, Ray stops
+    # printing "Failed to convert column 'work' ... falling back" from every actor.
+    ctx.enable_fallback_to_arrow_object_ext_type = True
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, logging.StreamHandler):  # the console, not the session file
-            handler.setLevel(logging.WARNING)
+            handler.setLevel(logging.ERROR)
+    # Ray Data's advice on pools wider than a small input ("... only received 1 input(s)").
+    warnings.filterwarnings("ignore", message=r"The (maximum|minimum) number of concurrent", category=UserWarning)
 
 
 def pyarrow_filesystem(uri: str) -> tuple[pafs.FileSystem | None, str]:
