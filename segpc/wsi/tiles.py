@@ -1,0 +1,99 @@
+"""The tile grid of a slide: cores that partition it, read boxes that overlap by a margin.
+
+Pure geometry. A tile's *core* is its share of the slide: the cores of a grid cover every
+pixel exactly once. Its *read box* is the core grown by ``margin`` on each side (the part
+the networks see). Every read box has the same shape, ``core + 2 * margin`` per axis, shifted
+inwards at the slide's edges rather than clipped, because the nucleus U-Net fits its input
+to the image: tiles of one shape are seen at one scale, the scale of the fields the bundle
+was trained on when the tile has their size. Only a slide smaller than a tile gives smaller
+read boxes (the whole slide).
+
+The margin bound (:func:`tile_margin`): a cell is kept by the tile whose core holds its
+nucleus centre (:mod:`segpc.wsi.ownership`). For that tile to see the cell exactly as an
+untiled run would, the largest crop window the cascade can cut around the nucleus must lie
+strictly inside the read box (a window edge on the read box's edge would count as the image
+border in the truncation rule). The centre lies inside the nucleus box, so with ``h`` the
+nucleus box's longest side and ``s`` the largest crop scale, the window reaches at most
+``h + half_up(s * h / 2) - 1`` pixels from the centre: a margin of ``h + half_up(s * h / 2)``
+suffices. ``h`` is bounded by :data:`NUCLEUS_LIMIT` expected nucleus diameters (the
+config's ``nucleus.diameter``, in network-input pixels, brought to tile pixels); a nucleus
+longer than that may be cut by a tile edge.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from segpc.config import Config
+from segpc.errors import InputError
+from segpc.method.crops import Box, half_up
+
+NUCLEUS_LIMIT = 2.0  # longest nucleus the margin guarantees, in expected nucleus diameters
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile: grid position, core (its share of the slide) and read box, in slide pixels."""
+
+    row: int
+    col: int
+    core: Box
+    read: Box
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) of the read box: the image the networks see."""
+        y0, x0, y1, x1 = self.read
+        return y1 - y0, x1 - x0
+
+
+def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _spans(length: int, core: int, margin: int) -> list[tuple[int, int, int, int]]:
+    """Per axis: (core start, core end, read start, read end)."""
+    size = core + 2 * margin
+    out = []
+    for c0 in range(0, length, core):
+        c1 = min(c0 + core, length)
+        r0 = min(max(c0 - margin, 0), max(length - size, 0))
+        out.append((c0, c1, r0, min(r0 + size, length)))
+    return out
+
+
+def tile_grid(width: int, height: int, core: int | tuple[int, int], margin: int) -> list[Tile]:
+    """Tiles of a ``width`` x ``height`` slide, row by row; ``core`` = (height, width) or a side.
+
+    Cores are ``core``-sized from the top-left (the last row and column smaller); each read
+    box holds its core and at least ``margin`` pixels around it wherever the slide goes on.
+    """
+    ch, cw = _pair(core)
+    if width < 1 or height < 1:
+        raise InputError(f"tile_grid: empty slide {width}x{height}")
+    if ch < 1 or cw < 1 or margin < 0:
+        raise InputError(f"tile_grid: core {core} must be >= 1 and margin {margin} >= 0")
+    tiles = []
+    for r, (cy0, cy1, ry0, ry1) in enumerate(_spans(height, ch, margin)):
+        for c, (cx0, cx1, rx0, rx1) in enumerate(_spans(width, cw, margin)):
+            tiles.append(Tile(r, c, (cy0, cx0, cy1, cx1), (ry0, rx0, ry1, rx1)))
+    return tiles
+
+
+def tile_margin(config: Config, tile_shape: tuple[int, int]) -> int:
+    """The margin (tile pixels) that keeps every guaranteed cell whole in its owner's read
+    box (module docstring): ``h + half_up(s * h / 2)``, ``h`` = :data:`NUCLEUS_LIMIT` expected
+    diameters at the scale the U-Net sees a ``tile_shape`` image."""
+    net_per_tile = min(1.0, config.nucleus.input_size / max(tile_shape))  # the U-Net's fit
+    h = math.ceil(NUCLEUS_LIMIT * config.nucleus.diameter / net_per_tile)
+    return h + half_up(max(config.cytoplasm.scales) * h / 2)
+
+
+def core_shape(tile_shape: tuple[int, int], margin: int) -> tuple[int, int]:
+    """The core of a ``tile_shape`` read box with ``margin`` on each side."""
+    ch, cw = tile_shape[0] - 2 * margin, tile_shape[1] - 2 * margin
+    if ch < 1 or cw < 1:
+        raise InputError(f"tiles of {tile_shape} leave no core inside a margin of {margin} px; "
+                         "use larger tiles")
+    return ch, cw
