@@ -90,6 +90,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--restart", action="store_true", help="discard earlier runs under --checkpoints")
     p.add_argument("--val-fraction", type=float, default=0.25,
                    help="flat archives only: share of slides held out for validation")
+    p.add_argument("--mpp", type=float, default=None, metavar="UM",
+                   help="pixel size of the training images in micrometres per pixel, recorded in the "
+                        "bundle: whole slides are then read at this pixel size (default: unknown; "
+                        "SegPC-2021 does not state it)")
     p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint (else AWS_ENDPOINT_URL)")
     args = p.parse_args(argv)  # --s3-endpoint takes effect in main(), for the job's duration
     args.explicit_epochs = args.epochs is not None
@@ -105,6 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.lr = 1e-3 if args.preset == "tiny" else 1e-4
     if args.checkpoints is None:
         args.checkpoints = args.out.rstrip("/") + "-checkpoints"
+    if args.mpp is not None and not 0 < args.mpp < float("inf"):
+        p.error("--mpp must be a positive number of micrometres per pixel")
     if args.num_workers < 1 or args.epochs < 1 or args.batch_size < 2:
         p.error("--num-workers and --epochs must be >= 1, --batch-size >= 2")
     return args
@@ -290,8 +296,9 @@ def training_dataset(refs: list[SampleRef], stage: str, scale: float | None, cfg
 
 
 def measure_diameter(refs: list[SampleRef], cfg: Config) -> dict:
-    """The median diameter of the training nuclei at the U-Net's input (Ray Data tasks read the
-    masks; one number per nucleus comes back)."""
+    """The median diameter of the training nuclei at the U-Net's input, and the most common
+    training field shape (Ray Data tasks read the masks; one number per nucleus and one shape
+    per image come back)."""
     import numpy as np
     import ray.data
 
@@ -300,13 +307,16 @@ def measure_diameter(refs: list[SampleRef], cfg: Config) -> dict:
 
     rows = ref_rows([r for r in refs if r.masks])
     ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), MAX_BLOCKS))
-    d = np.concatenate([b["d"] for b in ds.map_batches(
+    batches = list(ds.map_batches(
         NucleusDiameters(cfg.nucleus.input_size), batch_size=4, num_cpus=DECODE_CPUS, batch_format="numpy",
-        runtime_env=worker_runtime_env() or None).iter_batches(batch_format="numpy")] or [np.zeros(0)])
+        runtime_env=worker_runtime_env() or None).iter_batches(batch_format="numpy"))
+    cols = {k: np.concatenate([b[k] for b in batches] or [np.zeros(0)]) for k in ("d", "h", "w")}
+    d, fields = cols["d"][~np.isnan(cols["d"])], np.isnan(cols["d"])
     if not d.size:
         raise InputError("no labelled nucleus in the training split to measure nuclei on")
+    shapes, counts = np.unique(np.stack([cols["h"][fields], cols["w"][fields]], 1), axis=0, return_counts=True)
     return {"px_at_input": round(float(np.median(d)), 2), "nuclei": int(d.size),
-            "input_size": cfg.nucleus.input_size}
+            "input_size": cfg.nucleus.input_size, "field_shape": [int(v) for v in shapes[counts.argmax()]]}
 
 
 def check_decodes(refs: list[SampleRef]) -> None:
@@ -479,6 +489,10 @@ def _main(args: argparse.Namespace) -> None:
                          "final": args.final, "epochs_from": args.epochs_from, "training": history,
                          "nucleus_diameter": diameter,
                          "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if diameter and diameter.get("field_shape"):
+        bundle.field_shape = tuple(diameter["field_shape"])
+    if args.mpp is not None:  # else an existing bundle's (partial retraining) stays
+        bundle.mpp = args.mpp
     if args.final:  # nothing was held out: the split run's figures and calibration carry over
         bundle.provenance["validation"] = {}
         carry_calibration(args, bundle)

@@ -41,6 +41,7 @@ def quick_bundle(archive: Path, out: str, epochs: int = 40) -> str:
     for epoch in range(epochs):
         idx = np.random.default_rng(epoch).permutation(len(arrays))
         train_epoch(bundle.nucleus, opt, arrays, idx, 4, torch.device("cpu"), gen)
+    bundle.field_shape = read_image(samples[0].image_path).shape[:2]  # what train.py records
     save_bundle(bundle, out)
     return out
 

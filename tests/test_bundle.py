@@ -36,6 +36,21 @@ def test_local_round_trip(tiny_bundle, tmp_path):
     assert list(only.cytoplasm) == [1.75]
 
 
+def test_imaging_travels_with_the_bundle_and_older_bundles_say_unknown(tmp_path):
+    from dataclasses import replace
+
+    b = replace(new_bundle(preset("tiny")), mpp=0.25, field_shape=(1536, 2040))
+    save_bundle(b, str(tmp_path / "b"))
+    assert read_bundle_meta(str(tmp_path / "b"))["imaging"] == {"mpp": 0.25, "field_shape": [1536, 2040]}
+    loaded = load_bundle(str(tmp_path / "b"))
+    assert (loaded.mpp, loaded.field_shape) == (0.25, (1536, 2040))
+    meta = json.loads((tmp_path / "b" / "bundle.json").read_text())
+    del meta["imaging"]  # a bundle written before the imaging was recorded
+    (tmp_path / "b" / "bundle.json").write_text(json.dumps(meta))
+    loaded = load_bundle(str(tmp_path / "b"))
+    assert (loaded.mpp, loaded.field_shape) == (None, None)
+
+
 @pytest.mark.s3
 def test_s3_round_trip(tiny_bundle, s3_bucket):
     uri = f"{s3_bucket}/bundles/tiny"

@@ -46,7 +46,7 @@ def test_two_worker_training_of_each_stage(ray_local, archive, tmp_path):
     out = str(tmp_path / "bundle")
     assert train_main(["--data", str(archive), "--out", out, "--stage", "nucleus", "--equalize", *FAST]) == 0
     assert train_main(["--data", str(archive), "--out", out, "--stage", "cytoplasm",
-                       "--scales", "0.5", "--equalize", *FAST]) == 0
+                       "--scales", "0.5", "--equalize", "--mpp", "0.4", *FAST]) == 0
     splits = list_splits(str(archive))
     n_val_cells = sum(r.n_cells for r in splits.validation)
     for network, n in (("nucleus", len(splits.train)), ("cytoplasm-s0.5", sum(r.n_cells for r in splits.train))):
@@ -65,6 +65,9 @@ def test_two_worker_training_of_each_stage(ray_local, archive, tmp_path):
     d = np.concatenate([nucleus_diameters(r, cfg.nucleus.input_size) for r in splits.train])
     assert cfg.nucleus.diameter == pytest.approx(np.median(d), abs=0.01) != preset("tiny").nucleus.diameter
     assert read_bundle_meta(out)["provenance"]["nucleus_diameter"]["nuclei"] == len(d)
+    # what whole slides are read at: the training fields' shape (measured with the nuclei, kept
+    # by the cytoplasm run) and the pixel size --mpp gave
+    assert (bundle.field_shape, bundle.mpp) == ((240, 320), 0.4)
     # the networks trained (workers start from the seed's weights, as here) ...
     torch.manual_seed(0)
     assert _changed(bundle.nucleus.state_dict(), build_nucleus_model(cfg.nucleus).state_dict()) > 0.9

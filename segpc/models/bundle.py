@@ -1,7 +1,9 @@
 """Model bundle: a folder (local or object storage) that fully describes a trained model.
 
 ``bundle.json`` holds the configuration (architectures, scales, input sizes, thresholds,
-preprocessing), training provenance and a SHA-256 per weights file; each network is one
+preprocessing), training provenance, the imaging it was trained on (``imaging``: pixel size
+``mpp`` in µm and the typical training field ``field_shape`` (H, W), each null when
+unknown; bundles written before them have neither) and a SHA-256 per weights file; each network is one
 ``.safetensors`` file. Loading never unpickles anything: a bundle holding pickle-based files
 is refused, and every weights file must match its checksum and its architecture.
 """
@@ -45,6 +47,17 @@ class Bundle:
     cytoplasm: dict[float, nn.Module]
     provenance: dict = field(default_factory=dict)
     uri: str = ""
+    mpp: float | None = None  # µm per pixel of the training images; None: unknown
+    field_shape: tuple[int, int] | None = None  # (H, W) of the typical training field
+
+
+def bundle_imaging(meta: dict) -> tuple[float | None, tuple[int, int] | None]:
+    """(mpp, field_shape) from a parsed ``bundle.json``; (None, None) for older bundles. Whole
+    slides are read at ``mpp`` and cut into tiles of ``field_shape``, so the networks see them
+    at the scale they learnt."""
+    imaging = meta.get("imaging") or {}
+    mpp, shape = imaging.get("mpp"), imaging.get("field_shape")
+    return (float(mpp) if mpp else None), (tuple(int(v) for v in shape) if shape else None)
 
 
 def new_bundle(config: Config, provenance: dict | None = None) -> Bundle:
@@ -74,7 +87,9 @@ def save_bundle(bundle: Bundle, uri: str) -> None:
                           "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "segpc_version": __version__,
             "config": bundle.config.to_dict(), "networks": networks,
-            "provenance": bundle.provenance}
+            "provenance": bundle.provenance,
+            "imaging": {"mpp": bundle.mpp,
+                        "field_shape": list(bundle.field_shape) if bundle.field_shape else None}}
     with fs.open(join(root, "bundle.json"), "w") as f:
         json.dump(meta, f, indent=2)
 
@@ -120,7 +135,7 @@ def load_bundle(uri: str, device: str | torch.device = "cpu", scales: list[float
                          build_nucleus_model(config.nucleus), device) if nucleus else None
     cytoplasm = {s: _load_network(fs, root, uri, meta, network_name(s), CYTOPLASM_ARCH,
                                   build_cytoplasm_model(config.cytoplasm), device) for s in wanted}
-    return Bundle(config, unet, cytoplasm, meta.get("provenance", {}), uri)
+    return Bundle(config, unet, cytoplasm, meta.get("provenance", {}), uri, *bundle_imaging(meta))
 
 
 def _load_network(fs, root: str, uri: str, meta: dict, name: str, arch: str, model: nn.Module,

@@ -83,13 +83,19 @@ def nucleus_diameters(ref: SampleRef, size: int) -> np.ndarray:
     """Equivalent diameters of a sample's labelled nuclei, in pixels of the U-Net's input (the
     image fitted into ``size`` x ``size``): the scale stage 1's splitter is set to. Reads the
     masks only."""
-    out = []
+    return nucleus_measures(ref, size)[0]
+
+
+def nucleus_measures(ref: SampleRef, size: int) -> tuple[np.ndarray, tuple[int, int] | None]:
+    """:func:`nucleus_diameters` and the sample's (H, W) (from its masks; None without any)."""
+    out, shape = [], None
     for k, uri in ref.masks:
         nucleus = _read_mask(uri, k, None).nucleus
+        shape = nucleus.shape[:2]
         area = int(nucleus.sum())
         if area:
             out.append(2 * np.sqrt(area / np.pi) * plan_fit(*nucleus.shape, size).factor)
-    return np.array(out, np.float64)
+    return np.array(out, np.float64), shape
 
 
 def nucleus_labels(sample: Sample) -> np.ndarray:

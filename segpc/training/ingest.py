@@ -15,8 +15,8 @@ import numpy as np
 
 from segpc.config import Config
 from segpc.training.augment import augment
-from segpc.training.data import (CellContext, cell_contexts, cell_example, load_sample, nucleus_diameters,
-                                 nucleus_example)
+from segpc.training.data import (CellContext, cell_contexts, cell_example, load_sample, nucleus_example,
+                                 nucleus_measures)
 from segpc.training.guidance import GuidanceJitter
 from segpc.training.splits import SampleRef
 
@@ -41,14 +41,21 @@ def decodes(batch: dict) -> dict:
 
 
 class NucleusDiameters:
-    """Image refs -> one row per labelled nucleus: its diameter ``d`` at the U-Net's input."""
+    """Image refs -> one row per labelled nucleus, its diameter ``d`` at the U-Net's input
+    (``h = w = 0``), and one row per image, its shape ``h, w`` (``d`` NaN): the bundle records
+    the typical training field, the tile size of whole slides."""
 
     def __init__(self, size: int):
         self.size = size
 
     def __call__(self, batch: dict) -> dict:
-        return {"d": np.concatenate([nucleus_diameters(ref, self.size) for _, ref in _refs(batch)] or
-                                    [np.zeros(0)])}
+        d, h, w = [np.zeros(0)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+        for _, ref in _refs(batch):
+            diameters, shape = nucleus_measures(ref, self.size)
+            d += [diameters, np.array([np.nan] if shape else [])]
+            h += [np.zeros(len(diameters), np.int64), np.array([shape[0]] if shape else [], np.int64)]
+            w += [np.zeros(len(diameters), np.int64), np.array([shape[1]] if shape else [], np.int64)]
+        return {"d": np.concatenate(d), "h": np.concatenate(h), "w": np.concatenate(w)}
 
 
 class NucleusExamples:
