@@ -4,7 +4,13 @@ The driver makes one listing request (the prefix's top level) and holds one row 
 folder; the folders are listed, and the images already done dropped, by tasks that stream
 their rows into the pipeline, so the first image is read while the listing goes on. Parquet
 shards are listed the same way and read row group by row group; a manifest by one task, in
-chunks. Rows: ``uri, image_id, slide_id`` (and ``data``, the image bytes, for shards).
+chunks. Rows: ``uri, image_id, slide_id, tile`` (and ``data``, the image bytes, for shards).
+
+Whole-slide files among a folder's files (:func:`segpc.wsi.slide.is_whole_slide`) are not
+field images: each is handed to a task of its own (a quarter CPU, like the listing tasks)
+that opens the slide's directory, chooses its level, lays the tile grid, runs the tissue
+test on a small level and returns the slide's own row and one row per tile to analyse
+(:func:`segpc.wsi.job.slide_tiles`), their geometry as JSON in ``tile`` ("" for fields).
 """
 
 from __future__ import annotations
@@ -16,17 +22,21 @@ import numpy as np
 
 from segpc.errors import InputError
 from segpc.io.imaging import IMAGE_SUFFIXES
+from segpc.wsi.slide import SLIDE_SUFFIXES
 
 
 FOLDERS_PER_TASK = 8
 LISTING_TASKS = 2
 ROWS_PER_CHUNK = 1024
+SLIDE_CPUS = 0.25
+TIFF_CHECKS = 8  # threads reading TIFF directories (is it a slide?) in a listing task
 
 
-def _rows(items) -> dict:
+def _rows(items, tiles: list[str] | None = None) -> dict:
     return {"uri": np.array([it.uri for it in items], dtype=object),
             "image_id": np.array([it.image_id for it in items], dtype=object),
-            "slide_id": np.array([it.slide_id for it in items], dtype=object)}
+            "slide_id": np.array([it.slide_id for it in items], dtype=object),
+            "tile": np.array(tiles if tiles is not None else [""] * len(items), dtype=object)}
 
 
 def id_hashes(image_ids) -> np.ndarray:
@@ -59,12 +69,67 @@ def _take(rows: dict, keep: np.ndarray) -> dict:
     return {k: v[keep] for k, v in rows.items()}
 
 
-def list_folders(batch: dict, prefix: str, done: list) -> dict:
-    """Map task: the images of each slide folder in the batch, minus those already done."""
-    from segpc.io.inputs import list_folder
+def list_folders(batch: dict, prefix: str, done: list, slides: dict | None = None):
+    """Map task: the images of each slide folder in the batch, minus those already done;
+    then the rows of each whole slide found, as its own task returns them."""
+    from segpc.io.inputs import folder_files, input_files, inputs_of
 
-    items = [it for folder in batch["folder"] for it in list_folder(prefix, str(folder))]
-    rows = _rows(items)
+    items = [it for folder in batch["folder"] for it in inputs_of(input_files(folder_files(prefix, str(folder))), prefix)]
+    fields, wsis = split_slides(items)
+    rows = _rows(fields)
+    yield _take(rows, _not_done(rows["image_id"], done))
+    if not wsis:
+        return
+    import ray
+
+    task = ray.remote(num_cpus=SLIDE_CPUS, max_retries=3)(slide_rows)
+    pending = [task.remote(it.uri, it.image_id, done, **(slides or {})) for it in wsis]
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        yield ray.get(ready[0])
+
+
+def split_slides(items: list) -> tuple[list, list]:
+    """(field images, whole slides) among the inputs: slides by scanner suffix, and TIFFs
+    whose directory says so (a few range reads each, some at a time)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import PurePosixPath
+
+    from segpc.wsi.slide import SLIDE_SUFFIXES, TIFF_SUFFIXES, is_whole_slide
+
+    def slide(it) -> bool:
+        suffix = PurePosixPath(it.uri).suffix.lower()
+        if suffix in SLIDE_SUFFIXES:
+            return True
+        if suffix not in TIFF_SUFFIXES:
+            return False
+        try:
+            return is_whole_slide(it.uri)
+        except Exception:  # unreadable: the read stage reports it as a bad image
+            return False
+
+    with ThreadPoolExecutor(TIFF_CHECKS) as pool:
+        flags = list(pool.map(slide, items))
+    return [it for it, f in zip(items, flags) if not f], [it for it, f in zip(items, flags) if f]
+
+
+def slide_rows(uri: str, image_id: str, done: list, config: dict | None = None,
+               field_shape: tuple[int, int] | None = None, target_mpp: float | None = None,
+               mpp: float | None = None) -> dict:
+    """Task: a whole slide's own row and its tiles' rows, minus those already done; a slide
+    that cannot be opened or tiled gives its own row only, as an error."""
+    from segpc.config import Config
+    from segpc.io.inputs import InputImage
+    from segpc.wsi.job import slide_error, slide_tiles, tile_id
+    from segpc.wsi.slide import slide_id
+
+    sid = slide_id(uri)
+    try:
+        head, tiles = slide_tiles(uri, Config.from_dict(config), field_shape, target_mpp, mpp)
+    except (InputError, OSError) as exc:  # StorageUnavailable is neither: it stops the job
+        head, tiles = slide_error(uri, exc), []
+    items = [InputImage(uri, image_id, sid)] + [InputImage(uri, tile_id(image_id, t.row, t.col), sid) for t in tiles]
+    rows = _rows(items, [t.to_json() for t in [head, *tiles]])
     return _take(rows, _not_done(rows["image_id"], done))
 
 
@@ -122,27 +187,29 @@ def input_kind(prefix: str) -> tuple[str, list[str], str | None]:
     """("images" | "shards", slide folders (plus the root's own files as ``""``), the first
     shard found): decided from the top level and, if that holds no files, the first
     folder's listing."""
-    from segpc.io.inputs import ROOT_FILES, folder_files, image_files, parquet_files, top_level
+    from segpc.io.inputs import ROOT_FILES, folder_files, input_files, parquet_files, top_level
 
     folders, files = top_level(prefix)
     base = prefix.rstrip("/")
-    if image_files(files):
+    if input_files(files):
         return "images", [ROOT_FILES, *folders], None
     if parquet_files(files):
         return "shards", [ROOT_FILES, *folders], f"{base}/{parquet_files(files)[0]}"
     if folders:
         first = folder_files(prefix, folders[0])
-        if image_files(first):
+        if input_files(first):
             return "images", folders, None
         if parquet_files(first):
             return "shards", folders, f"{base}/{parquet_files(first)[0]}"
         if len(folders) > 1:
             return "images", folders, None  # the first folder is empty; the others may not be
-    raise InputError(f"{prefix}: no images ({', '.join(IMAGE_SUFFIXES)}) or Parquet shards found")
+    raise InputError(f"{prefix}: no images ({', '.join(IMAGE_SUFFIXES)}), whole slides "
+                     f"({', '.join(SLIDE_SUFFIXES)}) or Parquet shards found")
 
 
-def input_dataset(args: argparse.Namespace, done_ref, env: dict | None):
-    """The dataset of images to do (``done_ref``: object-store ref of the done ids, or None).
+def input_dataset(args: argparse.Namespace, done_ref, env: dict | None, slides: dict | None = None):
+    """The dataset of images to do (``done_ref``: object-store ref of the done ids, or None;
+    ``slides``: :func:`slide_rows`'s settings from the bundle and the flags).
     Every task here asks for a quarter of a CPU: Ray Data's own file readers ask for a whole
     one, which a small cluster's actors may leave no room for."""
     import ray
@@ -172,4 +239,5 @@ def input_dataset(args: argparse.Namespace, done_ref, env: dict | None):
         return ds.map_batches(list_shards, fn_kwargs={"prefix": args.input}, **listing).map_batches(
             shard_rows, fn_kwargs={"prefix": args.input, "image_column": args.image_column, "done": done},
             batch_size=1, **common)
-    return ds.map_batches(list_folders, fn_kwargs={"prefix": args.input, "done": done}, **listing)
+    return ds.map_batches(list_folders, fn_kwargs={"prefix": args.input, "done": done, "slides": slides},
+                          **listing)

@@ -4,12 +4,15 @@
         [--segpc-masks] [--overlays] [--geojson] [--mpp UM] [--keep-all] [--tta]
         [--resume [--retry-errors]] [--manifest CSV]
 
---input is a prefix of image files (any depth; the first folder is the slide), or of
-Parquet shards with the image bytes in a column (--image-column) beside image_id and,
-optionally, slide_id. image_id is the path below --input without suffix ("/" -> "__"):
-files added later never change the ids of images already done.
+--input is a prefix of image files (any depth; the first folder is the slide) and of
+whole-slide files (one slide per file: slide_id = file name; cut into tiles of the bundle's
+training field size at its pixel size, ids <slide>__tile-<row>-<col>), or of Parquet shards
+with the image bytes in a column (--image-column) beside image_id and, optionally, slide_id.
+image_id is the path below --input without suffix ("/" -> "__"): files added later never
+change the ids of images already done.
 
-Pipeline (streaming, no all-to-all step): list each slide folder (CPU tasks) -> read + decode +
+Pipeline (streaming, no all-to-all step): list each slide folder (CPU tasks; a task per whole
+slide lays its tiles, skipping glass) -> read + decode (a tile: range reads of its slide) +
 validate + fit the U-Net's input (CPU tasks) -> then, on GPU clusters, network-only actors
 with CPU stages between them: nucleus U-Net (GPU) -> nucleus instances and first crops (CPU)
 -> per scale: its Attention DeepLabv3+ (GPU) -> candidates and the crops the cascade needs
@@ -38,7 +41,9 @@ from segpc.io.storage import StorageUnavailable
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ray_jobs.segment", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, help="prefix of image files (any depth; slide = first folder)")
+    p.add_argument("--input", required=True,
+                   help="prefix of image files (any depth; slide = first folder) and/or whole-slide files "
+                        "(.svs .ndpi .scn .bif, pyramidal .tif; slide = file name)")
     p.add_argument("--output", required=True, help="output prefix (images/, cells/, slides.parquet, masks.zarr)")
     p.add_argument("--bundle", required=True, help="model bundle (folder or s3:// URI)")
     p.add_argument("--manifest", default=None, help="CSV/Parquet with columns path, slide_id (and optionally image_id)")
@@ -51,7 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also write geojson/<id>.geojson: the cells as QuPath cell objects (File > Import objects)")
     p.add_argument("--mpp", type=_positive, default=None,
                    help="pixel size in micrometres per pixel: areas in um^2 too (GeoJSON measurements, "
-                        "run.json, the report)")
+                        "run.json, the report); for whole slides whose file does not record it, their "
+                        "full resolution's pixel size")
     p.add_argument("--rule", choices=["cascade", "best", "keep-all"], default="cascade",
                    help="aggregation: cascade (default), best (every scale, best kept), keep-all")
     p.add_argument("--keep-all", action="store_true",
@@ -114,9 +120,10 @@ def _positive(text: str) -> float:
 # ----------------------------------------------------------------------------- pipeline
 
 
-def build_pipeline(args: argparse.Namespace, plan: Plan, config, done_ref=None):
-    """The Ray Data graph, top to bottom; ``config`` is the bundle's, ``done_ref`` the hashes
-    of the images already done (see ray_jobs/listing.py)."""
+def build_pipeline(args: argparse.Namespace, plan: Plan, config, done_ref=None, meta: dict | None = None):
+    """The Ray Data graph, top to bottom; ``config`` is the bundle's, ``meta`` its bundle.json
+    (the pixel size and field shape whole slides are tiled at), ``done_ref`` the hashes of the
+    images already done (see ray_jobs/listing.py)."""
     import ray
 
     from ray_jobs.common import worker_runtime_env
@@ -128,7 +135,11 @@ def build_pipeline(args: argparse.Namespace, plan: Plan, config, done_ref=None):
     ray.data.DataContext.get_current().raise_original_map_exception = True
     env = worker_runtime_env() or None
     common = {"batch_size": plan.batch_size, "batch_format": "numpy", "runtime_env": env}
-    ds = input_dataset(args, done_ref, env)
+    from segpc.models.bundle import bundle_imaging
+
+    target_mpp, field_shape = bundle_imaging(meta or {})
+    slides = {"config": cfg, "field_shape": field_shape, "target_mpp": target_mpp, "mpp": args.mpp}
+    ds = input_dataset(args, done_ref, env, slides)
     writer = {"output": args.output, "segpc_masks": args.segpc_masks, "overlays": args.overlays,
               "geojson": args.geojson, "mpp": args.mpp}
     if plan.fuse:  # CPU cluster: each actor runs every step of its images, reading included,
@@ -246,7 +257,7 @@ def run(args: argparse.Namespace) -> dict:
                           read_autoscaler_config())
     print(f"[segment] plan: {plan}", flush=True)
     counts = {"ok": 0, "error": 0, "cells": 0, "pipeline_s": 0.0, "first_result_s": None}
-    ds = build_pipeline(args, plan, config, done_ref)  # lazy; checks the input is there
+    ds = build_pipeline(args, plan, config, done_ref, meta)  # lazy; checks the input is there
     if not args.resume:
         write_run_record(args.output, record)
     seen, t_start = 0, time.time()

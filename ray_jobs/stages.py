@@ -15,7 +15,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -57,23 +57,41 @@ def _charge(batch: dict, seconds: float) -> None:
 
 def read_decode(batch: dict, max_pixels: int | None, config: dict) -> dict:
     """Fetch (with retries), decode and validate each image, and fit it into the U-Net's
-    input; failures become error rows."""
+    input; failures become error rows. A tile of a whole slide is read from the slide by range
+    reads (its read box, at its level); a slide's own row reads nothing."""
     from segpc.config import Config
     from segpc.io.imaging import MAX_PIXELS, decode_image
     from segpc.io.storage import read_bytes
     from segpc.method.steps import prepare
+    from segpc.wsi.job import GLASS, SLIDE, SlideTile, is_glass, read_tile
 
     cfg = Config.from_dict(config)
     n = len(batch["uri"])
     shard_bytes = batch.pop("data", None)  # rows of Parquet shards bring their bytes along
+    tiles = batch["tile"].copy() if "tile" in batch else np.full(n, "", dtype=object)
     status, error, kind, width, height, seconds, work = [], [], [], [], [], [], []
     for i in range(n):
         t0 = time.perf_counter()
         try:
-            data = shard_bytes[i] if shard_bytes is not None else read_bytes(batch["uri"][i])
-            image = decode_image(data, batch["uri"][i], max_pixels or MAX_PIXELS)
-            work.append(Work(prepare(image, cfg, batch["uri"][i])))
-            status.append("ok"), error.append(""), width.append(image.shape[1]), height.append(image.shape[0])
+            tile = SlideTile.from_json(tiles[i]) if tiles[i] else None
+            if tile is not None and tile.kind == SLIDE:  # the slide's own row: its grid, or why not
+                if tile.error:
+                    raise (InputError if tile.error_kind == "image" else OSError)(tile.error)
+                work.append(Work())
+                status.append("ok"), error.append(""), width.append(tile.shape[1]), height.append(tile.shape[0])
+                kind.append("")
+                seconds.append(time.perf_counter() - t0)
+                continue
+            if tile is not None:
+                image = read_tile(tile)
+                if is_glass(image, tile):  # no small level to test on: the core's own pixels
+                    tiles[i], image = replace(tile, kind=GLASS).to_json(), None
+            else:
+                data = shard_bytes[i] if shard_bytes is not None else read_bytes(batch["uri"][i])
+                image = decode_image(data, batch["uri"][i], max_pixels or MAX_PIXELS)
+            work.append(Work(prepare(image, cfg, batch["uri"][i]) if image is not None else None))
+            h, w = tile.core_shape if tile is not None else image.shape[:2]  # a tile's image is its core
+            status.append("ok"), error.append(""), width.append(w), height.append(h)
             kind.append("")
         except (InputError, OSError) as exc:  # StorageUnavailable is neither: it stops the job
             status.append("error"), error.append(str(exc)), width.append(0), height.append(0)
@@ -81,7 +99,8 @@ def read_decode(batch: dict, max_pixels: int | None, config: dict) -> dict:
             kind.append("image" if isinstance(exc, InputError) else "storage")
             work.append(Work())
         seconds.append(time.perf_counter() - t0)
-    return {**batch, "status": np.array(status), "error": np.array(error), "error_kind": np.array(kind),
+    return {**batch, "tile": tiles, "status": np.array(status), "error": np.array(error),
+            "error_kind": np.array(kind),
             "width": np.array(width),
             "height": np.array(height), "seconds": np.array(seconds), "work": object_column(work)}
 
@@ -242,20 +261,26 @@ class Finalize:
         from segpc.io.inputs import InputImage
         from segpc.io.outputs import SUMMARY_COLUMNS, ImageRecord
         from segpc.method.steps import finish, take_candidates
+        from segpc.wsi.job import SlideTile, placement, tile_result
 
         records = []
         last = self.config.cytoplasm.scales[-1]
+        tiles = batch.get("tile", np.full(len(batch["work"]), "", dtype=object))
         for i, w in enumerate(batch["work"]):
             t0 = time.perf_counter()
             result = None
+            tile = SlideTile.from_json(tiles[i]) if tiles[i] else None
             if w.state is not None:
                 take_candidates(w.state, last, self.config)  # no-op when a fused actor did it
                 result = finish(w.state, self.config)
+                if tile is not None:  # a tile of a whole slide: its owned cells, in its core
+                    result = tile_result(result, tile)
             records.append(ImageRecord(
                 InputImage(batch["uri"][i], batch["image_id"][i], batch["slide_id"][i]),
                 batch["status"][i], batch["error"][i], int(batch["width"][i]), int(batch["height"][i]),
                 float(batch["seconds"][i]) + time.perf_counter() - t0, result,
-                w.state.image if w.state is not None else None, batch["error_kind"][i]))
+                w.state.image if w.state is not None else None, batch["error_kind"][i],
+                placement(tile) if tile is not None else None))
         rows = self.writer.write(records)  # [] for an empty batch (all rows filtered on resume)
         maybe_die("write")  # the worst moment: written, but Ray has not heard back
         return {k: np.array([r[k] if r[k] is not None else "" for r in rows], dtype=object if k != "n_cells" else int)

@@ -335,3 +335,43 @@ def test_slide_with_the_trained_unet_matches_the_field_level_run(bundle, slide_f
     f1_fields = strict_score(truth, {"s": _full(field_cells, shape)})["f1"]
     print(f"slide: {len(result.cells)} cells, F1 {f1:.3f}; fields: {len(field_cells)} cells, F1 {f1_fields:.3f}")
     assert abs(f1 - f1_fields) <= 0.05 and f1 > 0.6
+
+
+# ---------------------------------------------------------------- the batch job's pure steps
+
+def test_job_rows_of_a_slide_and_their_results_are_the_slide_drivers(slide_file, tmp_path):
+    """What the batch job does per slide (its rows) and per tile (read, segment, keep the owned
+    cells in the core) gives segment_slide's cells; errors name the file and the flag."""
+    from segpc.io.outputs import Placement
+    from segpc.wsi.job import SLIDE, SlideTile, level0_box, placement, read_tile, slide_tiles, tile_id, tile_result
+
+    s, path = slide_file
+    seg = Segmenter(preset("tiny"), colour_nuclei, colour_cells)
+    head, tiles = slide_tiles(str(path), seg.config, FIELD)
+    assert (head.kind, head.tiles, head.skipped, len(tiles)) == (SLIDE, 20, 2, 18)
+    assert head.mpp == pytest.approx(0.5) and head.shape == (520, 1040)
+    assert all(SlideTile.from_json(t.to_json()) == t for t in [head, *tiles])
+    assert tile_id("S07", 1, 2) == "S07__tile-1-2"
+    ref = segment_slide(seg, open_slide(str(path)), FIELD)
+    got = []
+    for t, res in zip(tiles, seg.segment_batch([read_tile(t) for t in tiles])):
+        kept = tile_result(res, t)
+        assert kept.shape == t.core_shape and [c.cell_id for c in kept.cells] == list(range(1, len(kept.cells) + 1))
+        nuclei, cells = kept.label_maps()  # the core only; cells reaching past it are cut
+        assert nuclei.shape == t.core_shape and set(np.unique(nuclei)) - {0} <= {c.cell_id for c in kept.cells}
+        p = placement(t)
+        assert p == Placement("tile", t.mpp, t.core[:2], 1.0, core_area_px=t.core_area)
+        got += [(level0_box(c.box, p.origin, p.to_level0), c.nucleus.tobytes(), c.cell.tobytes()) for c in kept.cells]
+    want = [(c.box, c.nucleus.tobytes(), c.cell.tobytes()) for c in ref.cells]
+    assert len(got) == len(want) > 20 and sorted(got) == sorted(want)
+    # a slide read at another pixel size: level-0 boxes cover the analysis boxes
+    assert level0_box((0, 1, 3, 5), (10, 20), 1.5) == (15, 31, 20, 38)
+    assert level0_box((2, 2, 4, 4), (0, 0), 2 / 3 * 1.5) == (2, 2, 4, 4)
+    # the bundle knows its pixel size, the slide does not: the flag is named, --mpp stands in
+    nompp = str(_no_mpp(s, path.parent))
+    with pytest.raises(Exception, match=r"nompp.tif.*--mpp"):
+        slide_tiles(nompp, seg.config, FIELD, target_mpp=1.0)
+    head, _ = slide_tiles(nompp, seg.config, FIELD, target_mpp=1.0, mpp=0.5)
+    assert (head.level, head.factor, head.shape, head.to_level0) == (1, 1.0, (260, 520), 2.0)
+    with pytest.raises(Exception, match="training fields"):
+        slide_tiles(str(path), seg.config, None)

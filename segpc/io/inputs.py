@@ -61,6 +61,15 @@ def image_files(paths: list[str]) -> list[str]:
     return [p for p in paths if p.lower().endswith(IMAGE_SUFFIXES)]
 
 
+def input_files(paths: list[str]) -> list[str]:
+    """The files among ``paths`` the batch job takes: images, and whole slides by their
+    scanner suffix (a pyramidal ``.tif`` is among the images until it is opened:
+    :func:`segpc.wsi.slide.is_whole_slide`)."""
+    from segpc.wsi.slide import SLIDE_SUFFIXES
+
+    return [p for p in paths if p.lower().endswith(IMAGE_SUFFIXES + SLIDE_SUFFIXES)]
+
+
 def folder_images(folder: str | Path) -> list[Path]:
     """The image files directly in a local folder, sorted by name."""
     folder = Path(folder)

@@ -42,6 +42,13 @@ IMAGES_SCHEMA = pa.schema([
     # never from cells/ (one row per image instead of one per cell)
     ("cell_area_sum", pa.int64()), ("cell_area_sq_sum", pa.float64()), ("nucleus_area_sum", pa.int64()),
     ("ratio_sum", pa.float64()),
+    # whole slides (null for field images, and in parts written before slides were read):
+    # kind "slide" (the slide file's own row: its grid), "tile" (a tile analysed; width and
+    # height are its core's), "glass" (a tile read and found bare); mpp = µm per pixel of
+    # the row's image (fields: --mpp); tiles / tiles_skipped on slide rows (the grid, the
+    # tiles skipped as glass before reading); core_area_px on tile rows
+    ("kind", pa.string()), ("mpp", pa.float64()), ("tiles", pa.int32()), ("tiles_skipped", pa.int32()),
+    ("core_area_px", pa.int64()),
 ])
 # error_kind: "image" (the file is not a usable image: retrying cannot help) or "storage"
 # (it could not be read: missing, access denied, an outage; --retry-errors tries again)
@@ -53,11 +60,30 @@ CELLS_SCHEMA = pa.schema([
     ("cell_score", pa.float64()), ("truncated", pa.bool_()),
     # masks of the cell's box (y1-y0 rows, x1-x0 columns), row-major, np.packbits
     ("nucleus_mask", pa.binary()), ("cell_mask", pa.binary()),
+    # tiles of whole slides: the box in the slide's level-0 pixels (null for field images);
+    # areas in µm² where the pixel size is known (the slide's, or --mpp for fields)
+    ("slide_y0", pa.int64()), ("slide_x0", pa.int64()), ("slide_y1", pa.int64()), ("slide_x1", pa.int64()),
+    ("nucleus_area_um2", pa.float64()), ("cell_area_um2", pa.float64()),
 ])
 
 
 # what ``OutputWriter.write`` returns per image: enough for progress lines and the summary
 SUMMARY_COLUMNS = ("image_id", "slide_id", "status", "error", "n_cells")
+
+
+@dataclass
+class Placement:
+    """Where a slide-derived row lies: for a tile, its core's top-left in the slide's analysis
+    pixels (cells/ boxes are relative to it) and the scale to level 0; for a slide row, its
+    grid. See :mod:`segpc.wsi.job`."""
+
+    kind: str  # "slide" | "tile" | "glass"
+    mpp: float | None  # µm per analysis pixel
+    origin: tuple[int, int] = (0, 0)
+    to_level0: float = 1.0
+    core_area_px: int | None = None
+    tiles: int | None = None
+    tiles_skipped: int | None = None
 
 
 @dataclass
@@ -73,6 +99,7 @@ class ImageRecord:
     result: ImageResult | None = None
     image: np.ndarray | None = None  # for overlays
     error_kind: str = ""  # "image" or "storage" for an error (see above)
+    placement: Placement | None = None  # rows of whole slides; None for field images
 
 
 def unpack_mask(bits: bytes, box: tuple[int, int, int, int]) -> np.ndarray:
@@ -100,11 +127,11 @@ class OutputWriter:
             write_masks_group(self.output)
             self.group_written = True
         part = part_name([r.input.image_id for r in records])
-        cells = [row for r in records if r.result is not None for row in _cell_rows(r)]
+        cells = [row for r in records if r.result is not None for row in _cell_rows(r, self.mpp)]
         self._parquet(f"cells/{part}", pa.Table.from_pylist(cells, schema=CELLS_SCHEMA))
         # the images' files at once: on object storage each is a few round trips
         list(self.pool.map(self._per_image_files, [r for r in records if r.result is not None]))
-        rows = [_image_row(r) for r in records]
+        rows = [_image_row(r, self.mpp) for r in records]
         self._parquet(f"images/{part}", pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA))
         return [{k: row[k] for k in SUMMARY_COLUMNS} for row in rows]
 
@@ -116,6 +143,8 @@ class OutputWriter:
     def _per_image_files(self, r: ImageRecord) -> None:
         nuclei, cells = r.result.label_maps(np.uint16 if len(r.result.cells) < 65535 else np.int32)
         write_label_masks(self.output, r.input.image_id, nuclei, cells)  # each PUT retried
+        if r.placement is not None:  # a tile: its core's masks only (overlays, SegPC masks and
+            return  # GeoJSON are per field image; slides get theirs per slide, later)
         if self.overlays and r.image is not None:
             _put(self.fs, join(self.root, "overlays", f"{r.input.image_id}.png"),
                  encode_png(draw_overlay(r.image, nuclei, cells)))
@@ -162,8 +191,8 @@ def _put(fs, path: str, data: bytes) -> None:
     with_retries(f"writing {path}", write)
 
 
-def _image_row(r: ImageRecord) -> dict:
-    res = r.result
+def _image_row(r: ImageRecord, mpp: float | None = None) -> dict:
+    res, p = r.result, r.placement
     cells = res.cells if res else []
     areas = np.array([c.cell_area for c in cells], np.float64)
     return {"image_id": r.input.image_id, "slide_id": r.input.slide_id, "source_uri": r.input.uri,
@@ -175,20 +204,32 @@ def _image_row(r: ImageRecord) -> dict:
             "seconds": round(r.seconds, 4), "cell_area_sum": int(areas.sum()),
             "cell_area_sq_sum": float((areas ** 2).sum()),
             "nucleus_area_sum": int(sum(c.nucleus_area for c in cells)),
-            "ratio_sum": float(sum(c.ratio for c in cells))}
+            "ratio_sum": float(sum(c.ratio for c in cells)),
+            "kind": p.kind if p else None, "mpp": p.mpp if p else mpp,
+            "tiles": p.tiles if p else None, "tiles_skipped": p.tiles_skipped if p else None,
+            "core_area_px": p.core_area_px if p else None}
 
 
-def _cell_rows(r: ImageRecord) -> list[dict]:
+def _cell_rows(r: ImageRecord, mpp: float | None = None) -> list[dict]:
+    from segpc.wsi.job import level0_box
+
+    p = r.placement
+    mpp = p.mpp if p else mpp
+    um2 = None if mpp is None else mpp * mpp
     rows = []
     for c in r.result.cells:
         y0, x0, y1, x1 = c.box
+        slide = level0_box(c.box, p.origin, p.to_level0) if p else (None,) * 4
         rows.append({"image_id": r.input.image_id, "slide_id": r.input.slide_id, "cell_id": c.cell_id,
                      "y0": y0, "x0": x0, "y1": y1, "x1": x1, "nucleus_area": c.nucleus_area,
                      "cell_area": c.cell_area, "cytoplasm_area": c.cell_area - c.nucleus_area,
                      "ratio": c.ratio, "scale": c.scale, "nucleus_score": c.nucleus_score,
                      "cell_score": c.cell_score, "truncated": c.truncated,
                      "nucleus_mask": np.packbits(c.nucleus).tobytes(),
-                     "cell_mask": np.packbits(c.cell).tobytes()})
+                     "cell_mask": np.packbits(c.cell).tobytes(),
+                     **dict(zip(("slide_y0", "slide_x0", "slide_y1", "slide_x1"), slide)),
+                     "nucleus_area_um2": None if um2 is None else c.nucleus_area * um2,
+                     "cell_area_um2": None if um2 is None else c.cell_area * um2})
     return rows
 
 

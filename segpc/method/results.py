@@ -34,10 +34,19 @@ class Cell:
         return int(self.cell.sum())
 
     def full_masks(self, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-        y0, x0, y1, x1 = self.box
         nuc, cell = np.zeros(shape, bool), np.zeros(shape, bool)
-        nuc[y0:y1, x0:x1], cell[y0:y1, x0:x1] = self.nucleus, self.cell
+        at, part = self.clipped(shape)
+        nuc[at], cell[at] = self.nucleus[part], self.cell[part]
         return nuc, cell
+
+    def clipped(self, shape: tuple[int, int]) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+        """(where in a ``shape`` image, which part of the masks): the box cut to the image. A
+        tile's cell may reach past the tile's core, the image of its masks."""
+        y0, x0, y1, x1 = self.box
+        cy0, cx0, cy1, cx1 = max(y0, 0), max(x0, 0), min(y1, shape[0]), min(x1, shape[1])
+        cy1, cx1 = max(cy1, cy0), max(cx1, cx0)
+        return ((slice(cy0, cy1), slice(cx0, cx1)),
+                (slice(cy0 - y0, cy1 - y0), slice(cx0 - x0, cx1 - x0)))
 
 
 @dataclass
@@ -57,15 +66,15 @@ class ImageResult:
     def label_maps(self, dtype: type = np.int32) -> tuple[np.ndarray, np.ndarray]:
         """(H, W) nucleus and cell label maps, value = cell_id, painted box by box.
 
-        Cells may overlap; larger cells are painted first so a smaller cell lying on a
+        Boxes are cut to the image (a tile's cells may reach past its core). Cells may overlap; larger cells are painted first so a smaller cell lying on a
         larger one stays visible, and each cell's own nucleus is painted last.
         """
         nuclei, cells = np.zeros(self.shape, dtype), np.zeros(self.shape, dtype)
         for c in sorted(self.cells, key=lambda c: -c.cell_area):
-            y0, x0, y1, x1 = c.box
-            cells[y0:y1, x0:x1][c.cell] = c.cell_id
+            at, part = c.clipped(self.shape)
+            cells[at][c.cell[part]] = c.cell_id
         for c in self.cells:
-            y0, x0, y1, x1 = c.box
-            cells[y0:y1, x0:x1][c.nucleus] = c.cell_id
-            nuclei[y0:y1, x0:x1][c.nucleus] = c.cell_id
+            at, part = c.clipped(self.shape)
+            cells[at][c.nucleus[part]] = c.cell_id
+            nuclei[at][c.nucleus[part]] = c.cell_id
         return nuclei, cells

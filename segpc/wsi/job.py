@@ -1,0 +1,181 @@
+"""Whole slides in the batch job: the rows a slide becomes, how a tile row is read, and what
+is kept of a tile's result. Pure (no Ray): ``ray_jobs.listing`` and ``ray_jobs.stages`` call
+these, one slide or one tile at a time, so no step needs another tile's results.
+
+A slide file becomes one *slide row* (``kind`` "slide"; its ``image_id`` is the file's id by
+the input id rule, ``slide_id`` the file name without suffix) that records the grid (tiles in
+all, tiles skipped as glass), and one *tile row* per tile that holds stained material
+(``kind`` "tile", ``image_id`` = ``<slide row's image_id>__tile-<row>-<col>``, which for a
+slide directly under ``--input`` is ``<slide_id>__tile-<row>-<col>``). Ids depend only on
+the file's path, the bundle and the flags, so a resumed run finds the same ones. What a tile
+row needs to read its pixels travels with it as :class:`SlideTile` JSON (``tile`` column).
+
+A tile's image is its read box; its *result* is its core: the owned cells (nucleus centre
+in the core, :mod:`segpc.wsi.ownership`), numbered 1..n, in the core's coordinates (a cell
+may reach past the core by up to the margin), so the per-tile label masks cover the core
+only and no slide pixel is written twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+
+from segpc.config import Config
+from segpc.errors import InputError
+from segpc.method.crops import Box
+from segpc.method.results import ImageResult
+from segpc.wsi.ownership import owned
+from segpc.wsi.resolution import SlideView
+from segpc.wsi.slide import Slide, open_slide
+from segpc.wsi.tiles import Tile, core_shape, tile_grid, tile_margin
+from segpc.wsi.tissue import MIN_FRACTION, MIN_SATURATION, tile_fractions, tissue_fraction
+
+SLIDE, TILE, GLASS = "slide", "tile", "glass"  # images/ ``kind`` of slide-derived rows
+
+
+@dataclass(frozen=True)
+class SlideTile:
+    """A slide row's grid, or a tile row's geometry: boxes in analysis pixels (the slide's
+    ``level`` resized by ``factor``, :class:`segpc.wsi.resolution.SlideView`)."""
+
+    kind: str  # SLIDE, TILE, or GLASS (a tile found bare when read)
+    uri: str
+    level: int = 0
+    factor: float = 1.0
+    mpp: float | None = None  # µm per analysis pixel; None: unknown
+    to_level0: float = 1.0  # level-0 pixels per analysis pixel
+    shape: tuple[int, int] = (0, 0)  # (H, W) of the analysis view
+    row: int = -1
+    col: int = -1
+    core: Box | None = None
+    read: Box | None = None
+    tiles: int = 0  # slide rows: tiles in the grid
+    skipped: int = 0  # slide rows: tiles skipped as glass on the small level
+    test_tissue: bool = False  # tile rows: no small level, test the core's own pixels when read
+    error: str = ""  # slide rows: why the slide could not be tiled
+    error_kind: str = ""  # "image" (the file or the flags) or "storage" (it could not be read)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "SlideTile":
+        d = json.loads(text)
+        for k in ("shape", "core", "read"):
+            d[k] = tuple(d[k]) if d[k] is not None else None
+        return cls(**d)
+
+    @property
+    def tile(self) -> Tile:
+        return Tile(self.row, self.col, self.core, self.read)
+
+    @property
+    def core_shape(self) -> tuple[int, int]:
+        y0, x0, y1, x1 = self.core
+        return y1 - y0, x1 - x0
+
+    @property
+    def core_area(self) -> int:
+        h, w = self.core_shape
+        return h * w
+
+
+def slide_error(uri: str, exc: Exception) -> SlideTile:
+    """The slide row of a slide that could not be opened or tiled."""
+    return SlideTile(SLIDE, uri, error=str(exc), error_kind="image" if isinstance(exc, InputError) else "storage")
+
+
+def tile_id(slide_image_id: str, row: int, col: int) -> str:
+    """The image id of a tile row: stable, one per grid position."""
+    return f"{slide_image_id}__tile-{row}-{col}"
+
+
+def slide_tiles(uri: str, config: Config, field_shape: tuple[int, int] | None,
+                target_mpp: float | None = None, mpp: float | None = None,
+                min_fraction: float = MIN_FRACTION,
+                min_saturation: float = MIN_SATURATION) -> tuple[SlideTile, list[SlideTile]]:
+    """(slide row, tile rows to analyse) of the slide at ``uri``: opens its directory, picks
+    the level for ``target_mpp`` (the bundle's; ``mpp`` stands in for a slide that does not
+    record its own), lays the grid with read boxes of ``field_shape`` (the bundle's training
+    field) and runs the tissue test on a small level. Reads no full-resolution pixel."""
+    if field_shape is None:
+        raise InputError(f"{uri}: the bundle does not record the size of its training fields (it "
+                         "predates whole-slide support): retrain it with this version to segment slides")
+    with open_slide(uri) as slide:
+        if target_mpp is not None and slide.mpp is None and mpp is None:
+            raise InputError(f"{uri}: the slide does not record its pixel size and the bundle was trained "
+                             f"at {target_mpp:g} µm/px: pass --mpp (µm per pixel of the scan's full resolution)")
+        view = SlideView.at(slide, target_mpp, mpp)
+        margin = tile_margin(config, field_shape)
+        height, width = view.shape
+        tiles = tile_grid(width, height, core_shape(field_shape, margin), margin)
+        fractions = tile_fractions(view, tiles, min_saturation)
+    base = dict(uri=uri, level=view.level, factor=view.factor, mpp=view.mpp, to_level0=view.to_level0,
+                shape=view.shape)
+    keep = tiles if fractions is None else [t for t, f in zip(tiles, fractions) if f >= min_fraction]
+    row = SlideTile(SLIDE, tiles=len(tiles), skipped=len(tiles) - len(keep), **base)
+    return row, [SlideTile(TILE, row=t.row, col=t.col, core=t.core, read=t.read,
+                           test_tissue=fractions is None, **base) for t in keep]
+
+
+_OPEN: OrderedDict[str, Slide] = OrderedDict()  # this process's open slides, newest last
+MAX_OPEN = 8
+
+
+def _slide(uri: str) -> Slide:
+    """An open slide, reused by the tiles of one slide that a worker reads in turn."""
+    if uri in _OPEN:
+        _OPEN.move_to_end(uri)
+        return _OPEN[uri]
+    _OPEN[uri] = slide = open_slide(uri)
+    while len(_OPEN) > MAX_OPEN:
+        _OPEN.popitem(last=False)[1].close()
+    return slide
+
+
+def read_tile(tile: SlideTile) -> np.ndarray:
+    """RGB uint8 of the tile's read box: range reads of its level, resampled as the view is."""
+    return SlideView(_slide(tile.uri), tile.level, tile.factor, tile.mpp).read(tile.read)
+
+
+def is_glass(image: np.ndarray, tile: SlideTile, min_fraction: float = MIN_FRACTION,
+             min_saturation: float = MIN_SATURATION) -> bool:
+    """Whether a tile that could not be tested on a small level holds too little stain in its
+    own core's pixels to be worth the networks."""
+    if not tile.test_tissue:
+        return False
+    (cy0, cx0, cy1, cx1), (ry0, rx0) = tile.core, tile.read[:2]
+    return tissue_fraction(image[cy0 - ry0:cy1 - ry0, cx0 - rx0:cx1 - rx0], min_saturation) < min_fraction
+
+
+def tile_result(result: ImageResult, tile: SlideTile) -> ImageResult:
+    """The tile's share of the slide: its owned cells, numbered 1..n in the order found, with
+    boxes in the core's coordinates; the result's shape is the core's."""
+    cy0, cx0 = tile.core[:2]
+    cells = [replace(c, cell_id=i + 1, box=(c.box[0] - cy0, c.box[1] - cx0, c.box[2] - cy0, c.box[3] - cx0))
+             for i, c in enumerate(owned(result.cells, tile.tile))]
+    return ImageResult(tile.core_shape, cells, result.n_nuclei, dict(result.inferences))
+
+
+def placement(tile: SlideTile):
+    """What the writers need to know of a slide-derived row (:class:`segpc.io.outputs.Placement`)."""
+    from segpc.io.outputs import Placement
+
+    if tile.kind == SLIDE:
+        return Placement(SLIDE, tile.mpp, tiles=tile.tiles if not tile.error else None,
+                         tiles_skipped=tile.skipped if not tile.error else None)
+    return Placement(tile.kind, tile.mpp, tuple(tile.core[:2]), tile.to_level0, core_area_px=tile.core_area)
+
+
+def level0_box(box: Box, origin: tuple[int, int], to_level0: float) -> Box:
+    """A box of an image whose (0, 0) lies at ``origin`` of the analysis view, in the slide's
+    level-0 pixels: the smallest level-0 box that covers it."""
+    s, (oy, ox), eps = to_level0, origin, 1e-9
+    y0, x0, y1, x1 = box
+    return (math.floor((y0 + oy) * s + eps), math.floor((x0 + ox) * s + eps),
+            math.ceil((y1 + oy) * s - eps), math.ceil((x1 + ox) * s - eps))

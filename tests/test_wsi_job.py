@@ -1,0 +1,114 @@
+"""Whole slides through the batch job: real pyramidal TIFFs in the test SeaweedFS beside a
+folder of field images, real local Ray.
+
+The job's cells of a slide are the single-process slide driver's (same count, same boxes in
+slide pixels, same masks, none twice at a seam); slides.parquet has the grid, the analysed
+area and the density; a slide without a pixel size is an error row naming the flag; a
+resumed run redoes only the tile whose row is missing.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from ray_jobs.segment import main as segment_main
+from segpc.io.imaging import read_image
+from segpc.io.outputs import read_label_masks, read_table, unpack_mask
+from segpc.io.storage import filesystem
+from segpc.method.segmenter import Segmenter
+from segpc.wsi.driver import segment_slide
+from segpc.wsi.job import slide_tiles, tile_id
+from segpc.wsi.slide import open_slide
+from segpc.wsi.synthetic import mosaic, write_pyramidal_tiff
+
+pytestmark = [pytest.mark.ray, pytest.mark.s3]
+FIELD = (240, 320)
+
+
+def test_whole_slides_through_the_job_and_resume_per_tile(ray_local, s3_bucket, archive, bundle, tmp_path, capsys):
+    # a bundle trained at 0.5 µm/px on 240x320 fields (the quick bundle, its pixel size set)
+    b = tmp_path / "bundle"
+    shutil.copytree(bundle, b)
+    meta = json.loads((b / "bundle.json").read_text())
+    meta["imaging"] = {"mpp": 0.5, "field_shape": list(FIELD)}
+    (b / "bundle.json").write_text(json.dumps(meta))
+    # S07: two fields and glass where the third would be, 0.5 µm/px; nompp: no pixel size
+    s = mosaic(1, 3, gap=40, seed=1, empty=(2,))
+    local = tmp_path / "S07.tif"
+    write_pyramidal_tiff(local, s.image, mpp=0.5, levels=3)
+    write_pyramidal_tiff(tmp_path / "nompp.tif", s.image, mpp=None, levels=2)
+    fs, _ = filesystem(s3_bucket)
+    base = s3_bucket.removeprefix("s3://")
+    fs.put_file(str(local), f"{base}/in/S07.tif")
+    fs.put_file(str(tmp_path / "nompp.tif"), f"{base}/in/nompp.tif")
+    fields = sorted((archive / "x").iterdir())[:2]
+    for p in fields:
+        fs.pipe_file(f"{base}/in/S01/{p.name}", p.read_bytes())
+    out = f"{s3_bucket}/out"
+    args = ["--input", f"{s3_bucket}/in", "--output", out, "--bundle", str(b), "--batch-size", "1"]
+    assert segment_main(args) == 0
+
+    images = read_table(out, "images").to_pandas().set_index("image_id")
+    head, tiles = slide_tiles(str(local), Segmenter.from_bundle(str(b)).config, FIELD, 0.5)
+    assert (head.tiles, head.skipped, len(tiles)) == (10, 2, 8)  # the glass column skipped
+    # every input once (two fields, two slides' own rows), and one row per tile analysed
+    want = {f"S01__{p.stem}" for p in fields} | {"S07", "nompp"} | {tile_id("S07", t.row, t.col) for t in tiles}
+    assert set(images.index) == want and images.index.is_unique
+    assert images.loc["S07", ["status", "kind", "tiles", "tiles_skipped"]].tolist() == ["ok", "slide", 10, 2]
+    bad = images.loc["nompp"]
+    assert bad.status == "error" and "nompp.tif" in bad.error and "--mpp" in bad.error and bad.kind == "slide"
+    assert (images.loc[[f"S01__{p.stem}" for p in fields], "kind"].isna()).all()
+    tile_rows = images[images.kind == "tile"]
+    assert len(tile_rows) == 8 and (tile_rows.status == "ok").all() and (tile_rows.slide_id == "S07").all()
+    assert sorted(tile_rows.core_area_px) == sorted(t.core_area for t in tiles)
+
+    # the slide's cells are the single-process driver's: count, slide boxes, masks
+    ref = segment_slide(Segmenter.from_bundle(str(b)), open_slide(str(local)), FIELD, target_mpp=0.5)
+    cells = read_table(out, "cells").to_pandas()
+    mine = cells[cells.slide_id == "S07"]
+    assert len(mine) == len(ref.cells) >= 5  # the quick bundle: trained U-Net, random cytoplasm nets
+    boxes = list(zip(mine.slide_y0, mine.slide_x0, mine.slide_y1, mine.slide_x1))
+    assert sorted(boxes) == sorted(c.box for c in ref.cells)
+    by_box = {c.box: c for c in ref.cells}
+    for box, row in zip(boxes, mine.itertuples()):
+        local_box = (row.y0, row.x0, row.y1, row.x1)
+        assert (unpack_mask(row.nucleus_mask, local_box) == by_box[box].nucleus).all()
+        assert row.cell_area_um2 == pytest.approx(row.cell_area * 0.25)
+    assert not cells.duplicated(["image_id", "cell_id"]).any()
+    assert cells[cells.slide_id == "S01"].slide_y0.isna().all()
+    # a tile's label masks are its core, with its own cells' pixels in it
+    t = max(tiles, key=lambda t: (mine.image_id == tile_id("S07", t.row, t.col)).sum())
+    tid = tile_id("S07", t.row, t.col)
+    nuclei, _ = read_label_masks(out, tid)
+    assert nuclei.shape == t.core_shape
+    assert set(np.unique(nuclei)) - {0} <= set(mine[mine.image_id == tid].cell_id) != set()
+
+    # slides.parquet: the grid, the analysed area (the cores of the tiles analysed) and density
+    with fs.open(f"{base}/out/slides.parquet", "rb") as f:
+        slides = pq.read_table(f).to_pandas().set_index("slide_id")
+    s07 = slides.loc["S07"]
+    area = sum(t.core_area for t in tiles) * 0.25 / 1e6
+    assert (s07.images, s07.tiles, s07.tiles_analysed, s07.plasma_cells) == (1, 10, 8, len(ref.cells))
+    assert s07.analysed_mm2 == pytest.approx(area) and ref.analysed_mm2 == pytest.approx(area)
+    assert s07.plasma_cells_per_mm2 == pytest.approx(len(ref.cells) / area)
+    assert s07.analysed_fraction == pytest.approx(ref.analysed_fraction)
+    assert slides.loc["nompp"].images_error == 1 and pd.isna(slides.loc["S01"].tiles)
+
+    # resume: a tile whose images/ part is gone (its cells/ part left behind) is redone, alone,
+    # here by the GPU clusters' graph (read task, network actors, writers)
+    parts = {p: pq.read_table(fs.open(p, "rb")).column("image_id").to_pylist() for p in fs.ls(f"{base}/out/images")}
+    lost = next(p for p, ids in parts.items() if ids == [tid])
+    fs.rm(lost)
+    capsys.readouterr()
+    assert segment_main(args + ["--resume", "--no-fuse"]) == 0
+    assert "1 ok, 0 error(s)" in capsys.readouterr().out
+    again = read_table(out, "images").to_pandas().set_index("image_id")
+    assert again.index.is_unique and set(again.index) == want
+    assert again.drop(columns="seconds").sort_index().equals(images.drop(columns="seconds").sort_index())
+    cells_again = read_table(out, "cells").to_pandas()
+    key = ["image_id", "cell_id"]
+    assert cells_again.sort_values(key).reset_index(drop=True).equals(cells.sort_values(key).reset_index(drop=True))
