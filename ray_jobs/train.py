@@ -2,7 +2,8 @@
 
     python -m ray_jobs.train --data URI --out BUNDLE_URI [--stage nucleus|cytoplasm|all]
         [--preset tiny|paper] [--scales 0.5 1.75 ...] [--num-workers N] [--use-gpu]
-        [--epochs E] [--batch-size B] [--resume] [--equalize] [--encoder-weights W]
+        [--epochs E] [--batch-size B] [--resume] [--equalize] [--stain-normalize macenko|reinhard]
+        [--encoder-weights W]
         [--final --epochs-from BUNDLE_OR_CHECKPOINTS]
 
 Each stage (the nucleus network, then each scale) is one data-parallel ``TorchTrainer``
@@ -71,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="with --final: a bundle, or a --checkpoints folder, of a run on the split")
     p.add_argument("--equalize", action="store_true",
                    help="per-channel histogram equalisation of the cytoplasm crops (training and inference)")
+    p.add_argument("--stain-normalize", choices=["macenko", "reinhard"], default=None,
+                   help="recolour every image to a stain reference fitted on the training split (kept in "
+                        "the bundle; inference applies it too): for bundles that will see other labs' stains")
     p.add_argument("--encoder-weights", default=None, metavar="imagenet|PATH|s3://URI",
                    help="starting weights of both stages' encoders (default: random); a file fits one "
                         "encoder, so for the paper preset's two give one per stage:")
@@ -253,7 +257,28 @@ def base_bundle(args: argparse.Namespace, cfg: Config) -> Bundle:
     if existing.cytoplasm.equalize != cfg.cytoplasm.equalize:
         raise InputError(f"{args.out} holds a bundle trained {'with' if existing.cytoplasm.equalize else 'without'}"
                          " --equalize; pass the same setting or choose another --out")
+    if existing.stain.method != (args.stain_normalize or "none"):
+        raise InputError(f"{args.out} holds a bundle trained with stain normalisation {existing.stain.method!r}; "
+                         "pass the same --stain-normalize or choose another --out")
     return load_bundle(args.out)
+
+
+def fit_stain(args: argparse.Namespace, cfg: Config, bundle: Bundle, splits: Splits) -> dict | None:
+    """With --stain-normalize: the stain reference every network of the bundle trains and runs
+    with. A bundle being added to keeps its own; else it is fitted on training-split images
+    (never validation ones, even with --final). Returns its provenance."""
+    from segpc.training.data import stain_reference
+
+    if not args.stain_normalize:
+        return None
+    if bundle.config.stain.method == args.stain_normalize:  # partial retraining: keep it
+        cfg.stain = replace(bundle.config.stain)
+        return bundle.provenance.get("stain")
+    reference, ids = stain_reference(splits.train, args.stain_normalize)
+    cfg.stain.method, cfg.stain.reference = args.stain_normalize, reference
+    bundle.config.stain = replace(cfg.stain)
+    print(f"[train] {args.stain_normalize} stain reference fitted on {len(ids)} training images", flush=True)
+    return {"method": args.stain_normalize, "images": ids}
 
 
 def training_dataset(refs: list[SampleRef], stage: str, scale: float | None, cfg: Config):
@@ -273,7 +298,7 @@ def training_dataset(refs: list[SampleRef], stage: str, scale: float | None, cfg
     from segpc.training.ingest import CellContexts, CellCrops, NucleusExamples, augment_examples, ref_rows
 
     if stage == "nucleus":
-        decode, per_epoch = NucleusExamples(cfg.nucleus.input_size), augment_examples
+        decode, per_epoch = NucleusExamples(cfg.nucleus.input_size, cfg.stain), augment_examples
     else:  # images without labelled cells have no stage-2 example
         refs = [r for r in refs if r.masks]
         jitter = GuidanceJitter()
@@ -461,6 +486,7 @@ def _main(args: argparse.Namespace) -> None:
     init_ray()
     splits, epochs, encoders = check_inputs(args, cfg)
     bundle = base_bundle(args, cfg)
+    stain = fit_stain(args, cfg, bundle, splits)
     if not args.final:  # (with --final it is training data, decoded with the rest)
         check_decodes(splits.validation)
     history = dict(bundle.provenance.get("training", {}))
@@ -487,7 +513,7 @@ def _main(args: argparse.Namespace) -> None:
                          "use_gpu": args.use_gpu, "seed": args.seed, "equalize": args.equalize,
                          "encoders": encoders, "guidance_jitter": asdict(GuidanceJitter()),
                          "final": args.final, "epochs_from": args.epochs_from, "training": history,
-                         "nucleus_diameter": diameter,
+                         "nucleus_diameter": diameter, "stain": stain,
                          "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if diameter and diameter.get("field_shape"):
         bundle.field_shape = tuple(diameter["field_shape"])

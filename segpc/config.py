@@ -59,11 +59,21 @@ class AggregationConfig:
 
 
 @dataclass
+class StainConfig:
+    """Stain normalisation (segpc/io/stain.py): every image recoloured to ``reference``, fitted
+    on the training split, right after decoding, in training and inference alike."""
+
+    method: str = "none"  # "macenko" | "reinhard" (training's --stain-normalize)
+    reference: dict = field(default_factory=dict)
+
+
+@dataclass
 class Config:
     preset: str = "paper"
     nucleus: NucleusConfig = field(default_factory=NucleusConfig)
     cytoplasm: CytoplasmConfig = field(default_factory=CytoplasmConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    stain: StainConfig = field(default_factory=StainConfig)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -79,7 +89,8 @@ class Config:
             nuc = _tuples(NucleusConfig, d.get("nucleus", {}))
             cyt = _tuples(CytoplasmConfig, d.get("cytoplasm", {}))
             cfg = cls(preset=d.get("preset", "custom"), nucleus=NucleusConfig(**nuc),
-                      cytoplasm=CytoplasmConfig(**cyt), aggregation=AggregationConfig(**agg))
+                      cytoplasm=CytoplasmConfig(**cyt), aggregation=AggregationConfig(**agg),
+                      stain=StainConfig(**d.get("stain", {})))  # older bundles: none
         except (TypeError, ValueError, KeyError, IndexError) as exc:
             raise InputError(f"invalid model configuration: {exc}") from None
         cfg.validate()
@@ -93,6 +104,10 @@ class Config:
             raise InputError(f"configuration: scales must be ascending, got {self.cytoplasm.scales}")
         if self.aggregation.mode not in ("cascade", "best", "keep-all"):
             raise InputError(f"configuration: unknown aggregation mode {self.aggregation.mode!r}")
+        if self.stain.method not in ("none", "macenko", "reinhard"):
+            raise InputError(f"configuration: unknown stain normalisation {self.stain.method!r}")
+        if self.stain.method != "none" and not self.stain.reference:
+            raise InputError(f"configuration: {self.stain.method} stain normalisation without a reference")
 
 
 def _tuples(kind: type, d: dict) -> dict:

@@ -186,7 +186,7 @@ def test_resume_completes_an_interrupted_run(job, ray_local, s3_bucket, s3_input
     # batches (the default, 64, would write these 19 images as one part pair): several parts,
     # one of them to interrupt
     args = ["--input", in_uri, "--output", out, "--bundle", bundle, "--max-pixels", MAX_PIXELS, "--no-fuse",
-            "--write-batch-size", "4"]
+            "--write-batch-size", "4", "--mpp", "0.25"]  # the fixture's pixel size: the same µm² columns
     assert segment_main(args) == 0
     full = read_table(out, "images").to_pandas().sort_values("image_id").reset_index(drop=True)
     full_cells = read_table(out, "cells").to_pandas()

@@ -44,10 +44,17 @@ def _changed(trained: dict, initial: dict) -> float:
 
 def test_two_worker_training_of_each_stage(ray_local, archive, tmp_path):
     out = str(tmp_path / "bundle")
-    assert train_main(["--data", str(archive), "--out", out, "--stage", "nucleus", "--equalize", *FAST]) == 0
+    assert train_main(["--data", str(archive), "--out", out, "--stage", "nucleus", "--equalize",
+                       "--stain-normalize", "macenko", *FAST]) == 0
+    stain = read_bundle_meta(out)["config"]["stain"]
     assert train_main(["--data", str(archive), "--out", out, "--stage", "cytoplasm",
-                       "--scales", "0.5", "--equalize", "--mpp", "0.4", *FAST]) == 0
+                       "--scales", "0.5", "--equalize", "--stain-normalize", "macenko", "--mpp", "0.4",
+                       *FAST]) == 0
     splits = list_splits(str(archive))
+    # the stain reference: fitted on training images only, kept when a stage is retrained
+    assert stain["method"] == "macenko" and np.array(stain["reference"]["HERef"]).shape == (3, 2)
+    assert read_bundle_meta(out)["config"]["stain"] == stain
+    assert set(read_bundle_meta(out)["provenance"]["stain"]["images"]) <= {r.image_id for r in splits.train}
     n_val_cells = sum(r.n_cells for r in splits.validation)
     for network, n in (("nucleus", len(splits.train)), ("cytoplasm-s0.5", sum(r.n_cells for r in splits.train))):
         hist = _history(out, network)
@@ -179,6 +186,11 @@ def test_bad_inputs_stop_before_training(ray_local, archive, tmp_path, capsys):
     ro = tmp_path / "ro"
     ro.write_text("a file, not a folder")
     refused(["--data", str(archive), "--out", str(ro / "bundle"), "--epochs", "1"], "not writable")
+    # a bundle's networks all see one stain: no retraining into it with another setting
+    plain = str(tmp_path / "plain")
+    save_bundle(new_bundle(preset("tiny")), plain)
+    refused(["--data", str(archive), "--out", plain, "--epochs", "1", "--stain-normalize", "reinhard"],
+            "stain normalisation 'none'")
     assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
     # a mask that does not fit its image is found by the decoding tasks, before any worker:
     # in the training split (decoded for training) and in the validation split (checked)

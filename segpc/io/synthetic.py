@@ -371,3 +371,31 @@ def write_archive(out, n_images: int, n_slides: int = 1, seed: int = 0,
     with open(root / "slides.csv", "w", newline="") as fh:
         csv.writer(fh).writerows([("image_id", "slide_id"), *rows])
     return [r[0] for r in rows]
+
+
+def _rotate(v: np.ndarray, axis: np.ndarray, degrees: float) -> np.ndarray:
+    """``v`` turned about ``axis`` (Rodrigues), its length kept."""
+    k = axis / np.linalg.norm(axis)
+    t = np.deg2rad(degrees)
+    return v * np.cos(t) + np.cross(k, v) * np.sin(t) + k * np.dot(k, v) * (1 - np.cos(t))
+
+
+def shift_stain(rgb: np.ndarray, h_degrees: float = 20.0, e_degrees: float = -20.0,
+                density: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
+    """``rgb`` as another lab's stain would colour it: deconvolved with scikit-image's HED stain
+    matrix (``skimage.color.hed_from_rgb``, the matrix of ``rgb2hed``), then rebuilt with the
+    hematoxylin- and eosin-like vectors turned about the grey axis of optical density (another
+    dye, another batch: a change of hue) and their amounts scaled by ``density``. The residual
+    (DAB) channel and negative amounts are kept, which ``rgb2hed``/``combine_stains`` clip, so
+    zero shift gives the image back."""
+    from skimage.color import hed_from_rgb, rgb_from_hed
+
+    od = -np.log((rgb.astype(np.float64) + 1) / 256)
+    hed = od @ hed_from_rgb
+    hed[..., :2] *= density
+    matrix = rgb_from_hed.copy()
+    grey = np.ones(3)
+    matrix[0] = _rotate(matrix[0], grey, h_degrees)
+    matrix[1] = _rotate(matrix[1], grey, e_degrees)
+    out = 256 * np.exp(-(hed @ matrix)) - 1
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)

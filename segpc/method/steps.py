@@ -21,6 +21,7 @@ import numpy as np
 from segpc.config import Config
 from segpc.errors import InputError
 from segpc.io.imaging import equalize
+from segpc.io.stain import normalize_stain
 from segpc.method.aggregate import Candidate, confident, next_scale, runs_every_scale, select
 from segpc.method.crops import Fit, clip_box, crop_window, fit_to_input
 from segpc.method.cytoplasm import CropInput, candidate_from_probability, crop_from
@@ -38,7 +39,9 @@ class ImageState:
     """One image between the steps."""
 
     shape: tuple[int, int]  # (H, W)
-    image: np.ndarray | None  # RGB uint8 as read; dropped after `find` unless kept (overlays)
+    # RGB uint8 as read, in the reference stain if the bundle has one; dropped after `find`
+    # unless kept (overlays)
+    image: np.ndarray | None
     nucleus_input: np.ndarray | None = None  # uint8 (S, S, 3): the U-Net's input, until it ran
     fit: Fit | None = None  # where the image lies in that input
     nucleus_prob: np.ndarray | None = None  # float16: the U-Net's map over the image, its resolution
@@ -52,9 +55,11 @@ class ImageState:
 
 
 def prepare(image: np.ndarray, config: Config, name: str = "image") -> ImageState:
-    """The U-Net's input: the image fitted aspect-preserving into its square (CPU)."""
+    """The U-Net's input: the image in the bundle's reference stain (if it has one), fitted
+    aspect-preserving into its square (CPU). Both stages see the normalised image."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise InputError(f"{name}: expected RGB uint8 (H, W, 3), got {image.dtype} {image.shape}")
+    image = normalize_stain(image, config.stain, name)
     x, fit = fit_to_input(image, config.nucleus.input_size)
     return ImageState(image.shape[:2], image, x, fit)
 

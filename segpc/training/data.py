@@ -19,10 +19,11 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
-from segpc.config import Config
+from segpc.config import Config, StainConfig
 from segpc.errors import InputError
 from segpc.io.imaging import decode_image, equalize
 from segpc.io.segpc_format import Sample
+from segpc.io.stain import normalize_stain
 from segpc.io.storage import read_bytes
 from segpc.method.crops import Box, box_or_none, crop_window, extract, fit_to_input, plan_fit
 from segpc.method.cytoplasm import CropInput, crop_input
@@ -110,12 +111,14 @@ def nucleus_labels(sample: Sample) -> np.ndarray:
 # --------------------------------------------------------------------------- stage 1
 
 
-def nucleus_example(sample: Sample, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The whole image and the union of its nuclei, fitted like the segmenter fits them."""
+def nucleus_example(sample: Sample, size: int, stain: StainConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The whole image (in the reference ``stain``, if any) and the union of its nuclei, fitted
+    like the segmenter fits them."""
     union = np.zeros(sample.image.shape[:2], np.uint8)
     for inst in sample.instances:
         union[inst.nucleus] = 1
-    return fit_to_input(sample.image, size)[0], fit_to_input(union, size, cv2.INTER_NEAREST)[0]
+    image = normalize_stain(sample.image, stain, sample.image_id)
+    return fit_to_input(image, size)[0], fit_to_input(union, size, cv2.INTER_NEAREST)[0]
 
 
 def nucleus_arrays(samples: list[Sample], size: int) -> Arrays:
@@ -129,12 +132,19 @@ def nucleus_arrays(samples: list[Sample], size: int) -> Arrays:
 # --------------------------------------------------------------------------- stage 2
 
 
+def cytoplasm_source(sample: Sample, config: Config) -> np.ndarray:
+    """The image stage 2 cuts its crops from, as inference makes it: in the reference stain
+    (``prepare``), then equalised (``find``), each if the config says so."""
+    image = normalize_stain(sample.image, config.stain, sample.image_id)
+    return equalize(image) if config.cytoplasm.equalize else image
+
+
 def cell_contexts(sample: Sample, scale: float, config: Config,
                   jitter: GuidanceJitter | None = None) -> list[CellContext]:
     """One context per labelled cell, large enough for ``jitter``'s nuclei (a cell without
     nucleus pixels has no crop at inference either, and is left out)."""
     jitter = jitter or GuidanceJitter()
-    image = equalize(sample.image) if config.cytoplasm.equalize else sample.image
+    image = cytoplasm_source(sample, config)
     out = []
     for i, inst in enumerate(sample.instances):
         box = box_or_none(inst.nucleus)
@@ -171,9 +181,28 @@ def cell_example(ctx: CellContext, scale: float, config: Config, rng: np.random.
 
 def true_nucleus_crops(sample: Sample, scale: float, config: Config) -> list[tuple[Instance, CropInput]]:
     """Each labelled cell with its crop at ``scale``, built around its true nucleus."""
-    image = equalize(sample.image) if config.cytoplasm.equalize else sample.image
+    image = cytoplasm_source(sample, config)
     labels = nucleus_labels(sample)
     boxes = ndi.find_objects(labels, max_label=len(sample.instances))
     return [(inst, crop_input(image, labels, i + 1, (sl[0].start, sl[1].start, sl[0].stop, sl[1].stop),
                               scale, config.cytoplasm))
             for i, (inst, sl) in enumerate(zip(sample.instances, boxes)) if sl is not None]
+
+
+# --------------------------------------------------------------------------- stain reference
+
+STAIN_IMAGES = 16  # training images a stain reference is fitted on
+
+
+def stain_reference(refs: list[SampleRef], method: str, n_images: int = STAIN_IMAGES) -> tuple[dict, list[str]]:
+    """``method``'s stain reference fitted on up to ``n_images`` training images spread evenly
+    over ``refs`` in image-id order (so a rerun or a resumed run fits the same one), and their
+    ids. Pass the training split only: the validation split must not shape the model."""
+    from segpc.io.stain import fit_reference
+
+    ordered = sorted(refs, key=lambda r: r.image_id)
+    if not ordered:
+        raise InputError("stain reference: no training images")
+    picks = [ordered[int(i)] for i in np.unique(np.linspace(0, len(ordered) - 1, min(n_images, len(ordered))).round())]
+    images = (decode_image(read_bytes(r.image_uri), r.image_uri) for r in picks)
+    return fit_reference(images, method), [r.image_id for r in picks]

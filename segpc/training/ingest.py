@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from segpc.config import Config
+from segpc.config import Config, StainConfig
 from segpc.training.augment import augment
 from segpc.training.data import (CellContext, cell_contexts, cell_example, load_sample, nucleus_example,
                                  nucleus_measures)
@@ -59,15 +59,16 @@ class NucleusDiameters:
 
 
 class NucleusExamples:
-    """Stage 1, decode: image refs -> fitted image ``x`` (S, S, 3) and nuclei ``y`` (S, S)."""
+    """Stage 1, decode: image refs -> fitted image ``x`` (S, S, 3) and nuclei ``y`` (S, S);
+    the image in the reference ``stain`` if there is one."""
 
-    def __init__(self, size: int):
-        self.size = size
+    def __init__(self, size: int, stain: StainConfig | None = None):
+        self.size, self.stain = size, stain
 
     def __call__(self, batch: dict) -> dict:
         rows, xs, ys = [], [], []
         for i, ref in _refs(batch):
-            x, y = nucleus_example(load_sample(ref), self.size)
+            x, y = nucleus_example(load_sample(ref), self.size, self.stain)
             rows.append(i)
             xs.append(x)
             ys.append(y)
