@@ -29,7 +29,8 @@ METHODS = ("macenko", "reinhard")
 IO = 240  # transmitted light, torchstain's default: OD = -log((I + 1) / IO)
 BETA = 0.15  # optical density below which a pixel counts as background (torchstain's default)
 MIN_STAINED = 200  # Macenko needs at least this many stained pixels to estimate two stain vectors
-PIXELS_PER_IMAGE = 200_000  # pixels each training image adds to the reference's mosaic
+ESTIMATE_PIXELS = 1 << 19  # pixels an image's own stain is estimated on (640x480 = 307,200: all)
+PIXELS_PER_IMAGE = 200_000
 log = logging.getLogger(__name__)
 
 
@@ -54,6 +55,13 @@ def stained_od(rgb: np.ndarray) -> np.ndarray:
     """(N, 3) optical density of the pixels above :data:`BETA` in every channel (Macenko's test)."""
     od = -np.log((rgb.reshape(-1, 3).astype(np.float32) + 1) / IO)
     return od[(od >= BETA).all(axis=1)]
+
+
+def estimation_pixels(rgb: np.ndarray) -> np.ndarray:
+    """(N, 3) pixels an image's stain is estimated on: all of them up to :data:`ESTIMATE_PIXELS`,
+    else every k-th (a stain is a property of the whole image, not of each pixel)."""
+    flat = rgb.reshape(-1, 3)
+    return flat[:: -(-len(flat) // ESTIMATE_PIXELS)]
 
 
 def stained_pixels(rgb: np.ndarray) -> int:
@@ -140,7 +148,7 @@ class StainNormalizer:
     def _unusable(self, rgb: np.ndarray) -> str | None:
         """Why this image has no stain to estimate, or None."""
         if self.method == "macenko":
-            od = stained_od(rgb)
+            od = stained_od(estimation_pixels(rgb))
             if len(od) < MIN_STAINED:
                 return f"{len(od)} stained pixels, fewer than {MIN_STAINED}"
             # two stain vectors need the stained colours to spread over a plane, not one point
@@ -152,11 +160,39 @@ class StainNormalizer:
         return None if (spread > 0.5).all() else "a colour channel is flat"
 
     def _normalize(self, rgb: np.ndarray) -> np.ndarray:
-        if self.method == "macenko":
-            out, _, _ = self._norm.normalize(rgb, Io=IO, beta=BETA, stains=False)
-        else:
-            out = self._norm.normalize(rgb)
-        return np.ascontiguousarray(out, np.uint8).reshape(rgb.shape)
+        return self._macenko(rgb) if self.method == "macenko" else self._reinhard(rgb)
+
+    def _reinhard(self, rgb: np.ndarray) -> np.ndarray:
+        """torchstain's Reinhard normalisation (each LAB channel standardised, then given the
+        reference's mean and spread, in CIE units: L 0-100, a and b about 0) with OpenCV's
+        colour conversions instead of its numpy ones: the same formulas (sRGB, D65), faster,
+        and out-of-gamut colours clipped where torchstain's uint8 cast wraps them around."""
+        import cv2
+
+        lab = cv2.cvtColor(rgb.astype(np.float32) / 255, cv2.COLOR_RGB2LAB)
+        flat = lab.reshape(-1, 3)
+        mean, std = flat.mean(axis=0, dtype=np.float64), flat.std(axis=0, dtype=np.float64)
+        gain = self._norm.target_stds / std
+        lab = lab * gain.astype(np.float32) + (self._norm.target_means - mean * gain).astype(np.float32)
+        out = cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
+        return (np.clip(out, 0, 1) * 255).astype(np.uint8)
+
+    def _macenko(self, rgb: np.ndarray) -> np.ndarray:
+        """torchstain's Macenko normalisation, with this image's stain matrix and 99th-percentile
+        concentrations estimated on :func:`estimation_pixels` (every pixel up to
+        :data:`ESTIMATE_PIXELS`, so field images of SegPC's size get torchstain's own result)
+        and the per-pixel unmixing as two float32 matrix products instead of a least-squares
+        solve over every pixel: 3.7x faster on a 2040x1536 image (benchmarks/stain_speed.py)."""
+        image = _macenko()
+        image.fit(estimation_pixels(rgb)[:, None, :], Io=IO, beta=BETA)  # this image's HE and maxC
+        od = -np.log((rgb.reshape(-1, 3).astype(np.float32) + 1) / IO)
+        unmix = np.linalg.pinv(image.HERef).T  # (3, 2): the least-squares concentrations of a full-rank HE
+        scale = self._norm.maxCRef / image.maxCRef
+        out = od @ (unmix * scale).astype(np.float32) @ (-self._norm.HERef.T).astype(np.float32)
+        np.exp(out, out=out)
+        out *= IO
+        np.minimum(out, 255, out=out)
+        return out.astype(np.uint8).reshape(rgb.shape)
 
 
 @lru_cache(maxsize=4)
