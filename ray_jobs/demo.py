@@ -108,7 +108,7 @@ def run(args: argparse.Namespace, t0: float) -> int:
 
     _say(f"batch job: {prefix}/slides -> {prefix}/results")
     rc = segment_main(["--input", f"{prefix}/slides", "--output", f"{prefix}/results", "--bundle", bundle,
-                       "--segpc-masks", "--overlays", "--progress-every", "4"])
+                       "--segpc-masks", "--overlays", "--ome-zarr-image", "--progress-every", "4"])
     if rc != 0:
         return rc
 

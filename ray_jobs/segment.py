@@ -1,7 +1,8 @@
 """The batch job: segment every image under an input prefix with Ray Data.
 
     python -m ray_jobs.segment --input URI --output URI --bundle BUNDLE_URI
-        [--segpc-masks] [--overlays] [--geojson] [--mpp UM] [--keep-all] [--tta]
+        [--segpc-masks] [--overlays] [--geojson] [--mpp UM] [--ome-zarr [--ome-zarr-image]]
+        [--keep-all] [--tta]
         [--resume [--retry-errors]] [--manifest CSV]
 
 --input is a prefix of image files (any depth; the first folder is the slide) and of
@@ -56,8 +57,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also write geojson/<id>.geojson: the cells as QuPath cell objects (File > Import objects)")
     p.add_argument("--mpp", type=_positive, default=None,
                    help="pixel size in micrometres per pixel: areas in um^2 too (GeoJSON measurements, "
-                        "run.json, the report); for whole slides whose file does not record it, their "
+                        "run.json, the report), the OME-Zarr pixel size; for whole slides whose file does not record it, their "
                         "full resolution's pixel size")
+    p.add_argument("--ome-zarr", action="store_true",
+                   help="masks.zarr/<id> as an OME-Zarr (NGFF 0.5) image group that napari and Fiji open: "
+                        "labels/nuclei and labels/cells, a pyramid; about 16 objects per camera image "
+                        "instead of 2 (the default compact layout)")
+    p.add_argument("--ome-zarr-image", action="store_true",
+                   help="with --ome-zarr (implied): the RGB image itself in masks.zarr/<id> too, so a viewer "
+                        "shows the image under the labels (about 6 objects more, the image's size again)")
     p.add_argument("--rule", choices=["cascade", "best", "keep-all"], default="cascade",
                    help="aggregation: cascade (default), best (every scale, best kept), keep-all")
     p.add_argument("--keep-all", action="store_true",
@@ -74,7 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None, help="images per model batch (default 4 CPU, 16 GPU)")
     p.add_argument("--write-batch-size", type=int, default=None,
                    help="images per images/ + cells/ Parquet part pair on GPU clusters' graph: the "
-                        "aggregation and write actors' batch (default 64, 16 with --overlays, or --batch-size "
+                        "aggregation and write actors' batch (default 64, 16 with --overlays or "
+                        "--ome-zarr-image, or --batch-size "
                         "if larger); CPU clusters write one pair per model batch")
     p.add_argument("--nucleus-actors", type=int, default=None,
                    help="U-Net actors (default: 1 per GPU); with --fuse: actors running every step "
@@ -107,6 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.keep_all:
         args.rule = "keep-all"
+    args.ome_zarr = args.ome_zarr or args.ome_zarr_image
     return args
 
 
@@ -141,7 +151,9 @@ def build_pipeline(args: argparse.Namespace, plan: Plan, config, done_ref=None, 
     slides = {"config": cfg, "field_shape": field_shape, "target_mpp": target_mpp, "mpp": args.mpp}
     ds = input_dataset(args, done_ref, env, slides)
     writer = {"output": args.output, "segpc_masks": args.segpc_masks, "overlays": args.overlays,
-              "geojson": args.geojson, "mpp": args.mpp}
+              "geojson": args.geojson, "mpp": args.mpp, "ome_zarr": args.ome_zarr,
+              "ome_zarr_image": args.ome_zarr_image}
+    keep_image = args.overlays or args.ome_zarr_image  # the decoded image rides to the writers
     if plan.fuse:  # CPU cluster: each actor runs every step of its images, reading included,
         # so no decoded image crosses the object store
         return ds.map_batches(Segment, fn_constructor_kwargs={
@@ -157,7 +169,7 @@ def build_pipeline(args: argparse.Namespace, plan: Plan, config, done_ref=None, 
     ds = ds.map_batches(NucleusNet, fn_constructor_kwargs={**model, "batch_size": plan.batch_size},
                         compute=ray.data.ActorPoolStrategy(size=plan.nucleus_actors),
                         num_gpus=plan.nucleus_gpu or None, num_cpus=plan.actor_cpus, **common)
-    ds = ds.map_batches(find_nuclei, fn_kwargs={"config": cfg, "keep_image": args.overlays},
+    ds = ds.map_batches(find_nuclei, fn_kwargs={"config": cfg, "keep_image": keep_image},
                         num_cpus=plan.task_cpus, **common)
     for k, scale in enumerate(scales):
         ds = ds.map_batches(CellNet, fn_constructor_kwargs={**model, "scale": scale,
@@ -169,7 +181,7 @@ def build_pipeline(args: argparse.Namespace, plan: Plan, config, done_ref=None, 
                                 num_cpus=plan.task_cpus, **common)
     # Large write batches: one Parquet part pair per batch, so fewer objects and requests;
     # Ray Data gathers the rows, each call still writes its whole batch (images/ part last).
-    write_batch = args.write_batch_size or max(16 if args.overlays else 64, plan.batch_size)
+    write_batch = args.write_batch_size or max(16 if keep_image else 64, plan.batch_size)
     return ds.map_batches(Finalize, fn_constructor_kwargs={"config": cfg, "rule": rule, **writer},
                           compute=ray.data.ActorPoolStrategy(size=plan.write_actors),
                           num_cpus=plan.task_cpus, **{**common, "batch_size": write_batch})
@@ -232,7 +244,8 @@ def run(args: argparse.Namespace) -> dict:
     meta = read_bundle_meta(args.bundle)  # a bad bundle stops here, before any work
     config = Config.from_dict(meta["config"])
     record = run_record(args.bundle, meta, args.rule, args.input, args.manifest, args.image_column,
-                        args.max_pixels, args.segpc_masks, args.overlays, args.geojson, args.mpp, args.tta)
+                        args.max_pixels, args.segpc_masks, args.overlays, args.geojson, args.mpp, args.tta,
+                        args.ome_zarr, args.ome_zarr_image)
     done_ref, n_done = None, 0
     if args.resume:
         check_resumable(args.output, record)
@@ -283,7 +296,8 @@ def run(args: argparse.Namespace) -> dict:
           flush=True)
     print(slides[["slide_id", "images", "images_error", "plasma_cells", "mean_cells_per_image"]]
           .to_string(index=False), flush=True)
-    print(f"[segment] outputs: {args.output}/{{images,cells}}/, slides.parquet, masks.zarr, run.json"
+    print(f"[segment] outputs: {args.output}/{{images,cells}}/, slides.parquet, "
+          + ("masks.zarr (OME-Zarr)" if args.ome_zarr else "masks.zarr") + ", run.json"
           + (", segpc/" if args.segpc_masks else "") + (", overlays/" if args.overlays else "")
           + (", geojson/" if args.geojson else ""), flush=True)
     return {**counts, "wall_s": wall}

@@ -214,15 +214,17 @@ class Segment(_Networks):
 
     def __init__(self, bundle_uri: str, threads: int, rule: str, batch_size: int, output: str,
                  segpc_masks: bool, overlays: bool, max_pixels: int | None = None,
-                 geojson: bool = False, mpp: float | None = None, tta: bool = False):
+                 geojson: bool = False, mpp: float | None = None, tta: bool = False,
+                 ome_zarr: bool = False, ome_zarr_image: bool = False):
         from segpc.method.segmenter import Segmenter, cell_net, nucleus_net
 
         self._load(bundle_uri, threads, None, True, rule)
         self.segmenter = Segmenter(self.config, nucleus_net(self.bundle, "cpu", batch_size, tta=tta),
                                    cell_net(self.bundle, "cpu", batch_size * 4, tta=tta))
-        self.keep_image, self.max_pixels = overlays, max_pixels
+        self.keep_image, self.max_pixels = overlays or ome_zarr_image, max_pixels
         self.decode_config = self.config.to_dict()  # read_decode's argument, built once per actor
-        self.write = Finalize(self.config.to_dict(), output, segpc_masks, overlays, rule, geojson, mpp)
+        self.write = Finalize(self.config.to_dict(), output, segpc_masks, overlays, rule, geojson, mpp,
+                              ome_zarr, ome_zarr_image)
 
     def __call__(self, batch: dict) -> dict:
         from segpc.method.steps import find, run_cells, run_nucleus, take_candidates
@@ -249,13 +251,14 @@ class Finalize:
     the model actors take, while they are starting too."""
 
     def __init__(self, config: dict, output: str, segpc_masks: bool, overlays: bool, rule: str,
-                 geojson: bool = False, mpp: float | None = None):
+                 geojson: bool = False, mpp: float | None = None, ome_zarr: bool = False,
+                 ome_zarr_image: bool = False):
         from segpc.config import Config
         from segpc.io.outputs import OutputWriter
 
         self.config = Config.from_dict(config)
         self.config.aggregation.mode = rule
-        self.writer = OutputWriter(output, segpc_masks, overlays, geojson, mpp)
+        self.writer = OutputWriter(output, segpc_masks, overlays, geojson, mpp, ome_zarr, ome_zarr_image)
 
     def __call__(self, batch: dict) -> dict:
         from segpc.io.inputs import InputImage

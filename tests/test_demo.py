@@ -20,3 +20,6 @@ def test_demo_end_to_end_small(s3_server, ray_local, tmp_path, capsys):
     assert sorted(slides.slide_id) == ["S01", "S02"] and slides.images.sum() == 4
     assert (work / "results" / "report" / "index.html").is_file()
     assert len(list((work / "results" / "overlays").glob("*.png"))) == 4
+    # the demo's job runs with --ome-zarr-image: an OME-Zarr image group (image + labels) per image
+    groups = list((work / "results" / "masks.zarr").glob("*/labels/zarr.json"))
+    assert len(groups) == 4 and all((g.parent.parent / "0" / "zarr.json").is_file() for g in groups)

@@ -50,7 +50,8 @@ def job(s3_server, ray_local, archive, bundle):
     bundle_uri = f"{prefix}/bundles/tiny"
     save_bundle(load_bundle(bundle), bundle_uri)
     args = ["--input", in_uri, "--output", f"{prefix}/out", "--bundle", bundle_uri, "--segpc-masks",
-            "--overlays", "--geojson", "--mpp", "0.25", "--max-pixels", MAX_PIXELS, "--progress-every", "5"]
+            "--overlays", "--geojson", "--mpp", "0.25", "--ome-zarr-image", "--max-pixels", MAX_PIXELS,
+            "--progress-every", "5"]
     assert segment_main(args) == 0
     return {"input": in_uri, "files": files, "output": f"{prefix}/out", "args": args}
 
@@ -91,11 +92,25 @@ def test_job_over_s3(job, bundle, archive, tmp_path):
             assert cell.sum() == c.cell_area and not ((labels == c.cell_id) & ~cell).any()
             assert unpack_mask(c.nucleus_mask, box).sum() == c.nucleus_area
 
-    # masks.zarr: its group's zarr.json, and per image with results two objects, its shard
-    # (the whole image) and the array's zarr.json
+    # masks.zarr (--ome-zarr-image): its group's zarr.json, and per image with results an
+    # OME-Zarr image group, one level (320 x 240 px): the RGB image and both label images,
+    # each array one shard beside its zarr.json (the default layout: tests/test_outputs.py)
     fs, root_path = filesystem(out)
     keys = sorted(p.split("/masks.zarr/", 1)[1] for p in fs.find(f"{root_path}/masks.zarr"))
-    assert keys == sorted(["zarr.json", *(f"{i}/{k}" for i in good.image_id for k in ("c/0/0/0", "zarr.json"))])
+    per_image = ["zarr.json", "0/zarr.json", "0/c/0/0/0", "labels/zarr.json",
+                 *(f"labels/{n}/{k}" for n in ("nuclei", "cells") for k in ("zarr.json", "0/zarr.json", "0/c/0/0"))]
+    assert keys == sorted(["zarr.json", *(f"{i}/{k}" for i in good.image_id for k in per_image)])
+    import zarr
+    from ome_zarr_models.v05.image import Image
+
+    from segpc.io.outputs import zarr_store
+
+    some = zarr.open_group(store=zarr_store(out), path=good.image_id.iloc[0], mode="r")
+    ngff = Image.from_zarr(some)  # valid NGFF 0.5, the pixel size --mpp's
+    assert ngff.labels.label_paths == ["nuclei", "cells"]
+    assert list(ngff.datasets[0][0].coordinateTransformations[0].scale) == [1.0, 0.25, 0.25]
+    assert np.array_equal(np.moveaxis(some["0"][...], 0, -1),
+                          read_image(archive / "x" / f"{good.image_id.iloc[0].split('__')[-1]}.bmp"))
 
     # --geojson: one FeatureCollection per ok image, a QuPath cell per cells/ row
     import json
@@ -229,6 +244,8 @@ def test_resume_refuses_another_run_and_retries_storage_errors(ray_local, archiv
     capsys.readouterr()
     assert segment_main(args + ["--resume", "--rule", "keep-all"]) == 2
     assert "rule: 'cascade' -> 'keep-all'" in capsys.readouterr().err
+    assert segment_main(args + ["--resume", "--ome-zarr"]) == 2  # would mix two masks.zarr layouts
+    assert "ome_zarr: False -> True" in capsys.readouterr().err
     other = tmp_path / "other-bundle"
     shutil.copytree(bundle, other)
     meta = json.loads((other / "bundle.json").read_text())

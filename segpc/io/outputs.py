@@ -113,9 +113,12 @@ class OutputWriter:
     """Writes batches of :class:`ImageRecord` (one pair of Parquet parts per batch)."""
 
     def __init__(self, output: str, segpc_masks: bool = False, overlays: bool = False,
-                 geojson: bool = False, mpp: float | None = None):
+                 geojson: bool = False, mpp: float | None = None, ome_zarr: bool = False,
+                 ome_zarr_image: bool = False):
         self.output, self.segpc_masks, self.overlays = output.rstrip("/"), segpc_masks, overlays
         self.geojson, self.mpp = geojson, mpp  # mpp: micrometres per pixel, for the _um2 measurements
+        # masks.zarr/<id> as an OME-Zarr image group (segpc.io.ngff), the RGB image in it too
+        self.ome_zarr, self.ome_zarr_image = ome_zarr or ome_zarr_image, ome_zarr_image
         self.fs, self.root = filesystem(self.output)
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="segpc-write")
         self.group_written = False
@@ -124,7 +127,7 @@ class OutputWriter:
         if not records:
             return []
         if not self.group_written:  # once per writer, not per image
-            write_masks_group(self.output)
+            write_masks_group(self.output, self.ome_zarr)
             self.group_written = True
         part = part_name([r.input.image_id for r in records])
         cells = [row for r in records if r.result is not None for row in _cell_rows(r, self.mpp)]
@@ -142,8 +145,17 @@ class OutputWriter:
 
     def _per_image_files(self, r: ImageRecord) -> None:
         nuclei, cells = r.result.label_maps(np.uint16 if len(r.result.cells) < 65535 else np.int32)
-        write_label_masks(self.output, r.input.image_id, nuclei, cells)  # each PUT retried
-        if r.placement is not None:  # a tile: its core's masks only (overlays, SegPC masks and
+        tile = r.placement is not None
+        if self.ome_zarr:  # each PUT retried
+            from segpc.io.ngff import write_ngff_masks
+
+            # a tile's arrays are its core, smaller than the image it was segmented in
+            write_ngff_masks(self.output, r.input.image_id, nuclei, cells,
+                             r.image if self.ome_zarr_image and not tile else None,
+                             r.placement.mpp if tile else self.mpp)
+        else:
+            write_label_masks(self.output, r.input.image_id, nuclei, cells)
+        if tile:  # a tile: its core's masks only (overlays, SegPC masks and
             return  # GeoJSON are per field image; slides get theirs per slide, later)
         if self.overlays and r.image is not None:
             _put(self.fs, join(self.root, "overlays", f"{r.input.image_id}.png"),
@@ -248,14 +260,15 @@ def zarr_store(output: str):
 # the cells, in ONE shard (one object) of zstd-compressed inner chunks of at most
 # MAX_INNER_CHUNK px a side, so a reader can fetch a part of a large image by byte ranges.
 # Two objects per image: the shard, then the array's zarr.json; the group's zarr.json at
-# masks.zarr/ is written once per writer.
+# masks.zarr/ is written once per writer. With --ome-zarr, an OME-Zarr image group instead
+# (segpc.io.ngff: labels/nuclei and labels/cells, a pyramid, more objects).
 MASK_CHANNELS = ("nuclei", "cells")
 MASK_ATTRIBUTES = {"channels": list(MASK_CHANNELS),
                    "label_meaning": "0 background; value = cell_id of cells/ rows"}
 MAX_INNER_CHUNK = 1024
 
 
-def _inner_chunk(n: int) -> int:
+def inner_chunk(n: int) -> int:
     """Equal inner chunks of at most MAX_INNER_CHUNK px covering ``n`` px (1920 -> 2 x 960,
     2560 -> 3 x 854): the shard, a whole number of them, reaches past the image by fewer
     pixels than it has chunks (zarr's edge chunks, 0 there)."""
@@ -278,7 +291,7 @@ def encode_label_masks(nuclei: np.ndarray, cells: np.ndarray) -> dict[str, bytes
     if nuclei.shape != cells.shape or nuclei.ndim != 2:
         raise ValueError(f"label maps of one image must be two (H, W) arrays: {nuclei.shape}, {cells.shape}")
     data = np.stack([nuclei, cells.astype(nuclei.dtype, copy=False)])
-    chunks = (1, *(_inner_chunk(n) for n in data.shape[1:]))
+    chunks = (1, *(inner_chunk(n) for n in data.shape[1:]))
     shard = (2, *(c * -(-n // c) for c, n in zip(chunks[1:], data.shape[1:])))
     objects: dict = {}
     arr = zarr.create_array(MemoryStore(objects), shape=data.shape, dtype=data.dtype, chunks=chunks,
@@ -289,14 +302,17 @@ def encode_label_masks(nuclei: np.ndarray, cells: np.ndarray) -> dict[str, bytes
     return {k: v.to_bytes() for k, v in objects.items()}
 
 
-def _group_metadata() -> bytes:
-    """``masks.zarr/zarr.json``: the group that holds one array per image."""
+LAYOUTS = {False: "one array per image: <image_id> (2, H, W), channel 0 nuclei, 1 cells",
+           True: "OME-Zarr (NGFF 0.5): one image group per image: <image_id>/labels/{nuclei,cells}"}
+
+
+def _group_metadata(ome_zarr: bool = False) -> bytes:
+    """``masks.zarr/zarr.json``: the group that holds one array (or NGFF group) per image."""
     import zarr
     from zarr.storage import MemoryStore
 
     objects: dict = {}
-    zarr.create_group(MemoryStore(objects), attributes={
-        "layout": "one array per image: <image_id> (2, H, W), channel 0 nuclei, 1 cells"})
+    zarr.create_group(MemoryStore(objects), attributes={"layout": LAYOUTS[ome_zarr]})
     return objects["zarr.json"].to_bytes()
 
 
@@ -310,21 +326,28 @@ def write_label_masks(output: str, image_id: str, nuclei: np.ndarray, cells: np.
         _put(fs, join(root, "masks.zarr", image_id, key), objects[key])
 
 
-def write_masks_group(output: str) -> None:
-    """``masks.zarr/zarr.json`` (one PUT; the same bytes every time)."""
+def write_masks_group(output: str, ome_zarr: bool = False) -> None:
+    """``masks.zarr/zarr.json`` (one PUT; the same bytes every time for a layout)."""
     fs, root = filesystem(output)
-    _put(fs, join(root, "masks.zarr", "zarr.json"), _group_metadata())
+    _put(fs, join(root, "masks.zarr", "zarr.json"), _group_metadata(ome_zarr))
 
 
 def read_label_masks(output: str, image_id: str) -> tuple[np.ndarray, np.ndarray]:
-    """(nuclei, cells) label maps of one image, as written by :func:`write_label_masks`."""
+    """(nuclei, cells) label maps of one image, in either layout: the node at
+    ``masks.zarr/<image_id>`` is an array (:func:`write_label_masks`) or an OME-Zarr group
+    (:func:`segpc.io.ngff.write_ngff_masks`, its full-resolution labels)."""
     import zarr
 
-    def read() -> np.ndarray:
-        return zarr.open_array(store=zarr_store(output), path=image_id, mode="r", zarr_format=3)[...]
+    def read() -> tuple[np.ndarray, np.ndarray]:
+        node = zarr.open(store=zarr_store(output), path=image_id, mode="r", zarr_format=3)
+        if isinstance(node, zarr.Group):
+            from segpc.io.ngff import read_ngff_masks
 
-    data = with_retries(f"reading masks.zarr/{image_id}", read)
-    return data[0], data[1]
+            return read_ngff_masks(node)
+        data = node[...]
+        return data[0], data[1]
+
+    return with_retries(f"reading masks.zarr/{image_id}", read)
 
 
 # ------------------------------------------------------------------------------ resume

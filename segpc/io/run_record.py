@@ -3,8 +3,10 @@
 Written under the output prefix before any image is processed. ``--resume`` compares the
 record of the run being resumed with its own and refuses when anything that changes the
 results differs (the bundle's content, the rule, the inputs, the options of decoding, the
-pixel size ``--mpp`` of the µm² measurements, test-time flips ``--tta``), naming each difference; other differences
-(the code version, which extra files are written) are reported and the run goes on.
+pixel size ``--mpp`` of the µm² measurements, test-time flips ``--tta``, the layout of
+``masks.zarr`` ``--ome-zarr``: one output never mixes two), naming each difference; other differences
+(the code version, which extra files are written, the image in the OME-Zarr groups) are
+reported and the run goes on.
 """
 
 from __future__ import annotations
@@ -20,11 +22,14 @@ from segpc.io.storage import filesystem, join, with_retries
 
 RUN_FILE = "run.json"
 # a difference in these refuses --resume: the outputs would mix two methods or two inputs
-RESULT_KEYS = ("bundle_sha256", "rule", "input", "manifest", "image_column", "max_pixels", "mpp", "tta")
+RESULT_KEYS = ("bundle_sha256", "rule", "input", "manifest", "image_column", "max_pixels", "mpp", "tta",
+               "ome_zarr")
 # a difference in these is reported only
-NOTED_KEYS = ("segpc_version", "code_commit", "bundle", "segpc_masks", "overlays", "geojson")
-# what a record written before its key existed meant: runs without test-time flips
-ABSENT = {"tta": False}
+NOTED_KEYS = ("segpc_version", "code_commit", "bundle", "segpc_masks", "overlays", "geojson",
+              "ome_zarr_image")
+# what a record written before its key existed meant: runs without test-time flips, with the
+# compact masks.zarr layout
+ABSENT = {"tta": False, "ome_zarr": False, "ome_zarr_image": False}
 
 
 def bundle_checksum(meta: dict) -> str:
@@ -45,11 +50,13 @@ def code_commit() -> str | None:
 
 def run_record(bundle: str, bundle_meta: dict, rule: str, input: str, manifest: str | None,
                image_column: str, max_pixels: int | None, segpc_masks: bool, overlays: bool,
-               geojson: bool = False, mpp: float | None = None, tta: bool = False) -> dict:
+               geojson: bool = False, mpp: float | None = None, tta: bool = False,
+               ome_zarr: bool = False, ome_zarr_image: bool = False) -> dict:
     return {"bundle": bundle, "bundle_sha256": bundle_checksum(bundle_meta), "rule": rule,
             "input": input.rstrip("/"), "manifest": manifest, "image_column": image_column,
             "max_pixels": max_pixels, "segpc_masks": segpc_masks, "overlays": overlays,
-            "geojson": geojson, "mpp": mpp, "tta": tta,
+            "geojson": geojson, "mpp": mpp, "tta": tta, "ome_zarr": ome_zarr or ome_zarr_image,
+            "ome_zarr_image": ome_zarr_image,
             "segpc_version": __version__, "code_commit": code_commit(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
