@@ -16,7 +16,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_jobs.segment import main as segment_main
-from segpc.io.imaging import read_image
 from segpc.io.outputs import read_label_masks, read_table, unpack_mask
 from segpc.io.storage import filesystem
 from segpc.method.segmenter import Segmenter
