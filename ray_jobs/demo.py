@@ -108,7 +108,7 @@ def run(args: argparse.Namespace, t0: float) -> int:
 
     _say(f"batch job: {prefix}/slides -> {prefix}/results")
     rc = segment_main(["--input", f"{prefix}/slides", "--output", f"{prefix}/results", "--bundle", bundle,
-                       "--segpc-masks", "--overlays", "--ome-zarr-image", "--progress-every", "4"])
+                       "--segpc-masks", "--overlays", "--geojson", "--ome-zarr-image", "--progress-every", "4"])
     if rc != 0:
         return rc
 
@@ -136,7 +136,8 @@ def run(args: argparse.Namespace, t0: float) -> int:
     keys = ("miou", "f1", "precision", "recall", "matched_iou", "n_truth", "n_pred")
     _say("evaluation against the synthetic truth: " + json.dumps({k: scores[k] for k in keys}))
     _say(f"done in {time.time() - t0:.0f}s. Results: {work / 'results'}; "
-         f"report: {work / 'results' / 'report' / 'index.html'}")
+         f"report: {work / 'results' / 'report' / 'index.html'}; QuPath: {work / 'results' / 'geojson'}/; "
+         f"napari: napari --plugin napari-ome-zarr {work / 'results' / 'masks.zarr'}/<image_id>")
     shutil.rmtree(local, ignore_errors=True)
     return 0
 

@@ -1,5 +1,7 @@
 """The demo's whole path at a small size: synthetic data in S3 -> Ray Train -> batch job -> report."""
 
+import json
+
 import pandas as pd
 import pytest
 
@@ -23,3 +25,10 @@ def test_demo_end_to_end_small(s3_server, ray_local, tmp_path, capsys):
     # the demo's job runs with --ome-zarr-image: an OME-Zarr image group (image + labels) per image
     groups = list((work / "results" / "masks.zarr").glob("*/labels/zarr.json"))
     assert len(groups) == 4 and all((g.parent.parent / "0" / "zarr.json").is_file() for g in groups)
+    # and --geojson: one QuPath FeatureCollection per image, a cell object per cells/ row
+    cells = pd.read_parquet(work / "results" / "cells", columns=["image_id"])
+    for path in (work / "results" / "geojson").glob("*.geojson"):
+        doc = json.loads(path.read_text())
+        assert doc["type"] == "FeatureCollection"
+        assert len(doc["features"]) == (cells.image_id == path.stem).sum()
+    assert len(list((work / "results" / "geojson").glob("*.geojson"))) == 4
