@@ -90,19 +90,13 @@ def list_folders(batch: dict, prefix: str, done: list, slides: dict | None = Non
 
 
 def split_slides(items: list) -> tuple[list, list]:
-    """(field images, whole slides) among the inputs: slides by scanner suffix, and TIFFs
-    whose directory says so (a few range reads each, some at a time)."""
+    """(field images, whole slides) among the inputs (:func:`segpc.wsi.slide.is_whole_slide`:
+    by suffix, and for TIFFs by their directory, a few range reads each, some at a time)."""
     from concurrent.futures import ThreadPoolExecutor
-    from pathlib import PurePosixPath
 
-    from segpc.wsi.slide import SLIDE_SUFFIXES, TIFF_SUFFIXES, is_whole_slide
+    from segpc.wsi.slide import is_whole_slide
 
     def slide(it) -> bool:
-        suffix = PurePosixPath(it.uri).suffix.lower()
-        if suffix in SLIDE_SUFFIXES:
-            return True
-        if suffix not in TIFF_SUFFIXES:
-            return False
         try:
             return is_whole_slide(it.uri)
         except Exception:  # unreadable: the read stage reports it as a bad image

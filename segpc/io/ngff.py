@@ -88,23 +88,15 @@ def _group(objects: dict, path: str, ome: dict | None, extra: dict | None = None
 
 
 def _levels(objects: dict, path: str, data: np.ndarray, levels: int, dims: tuple[str, ...]) -> None:
-    """Each level of ``data`` as ``path/<k>``: one shard (the whole level), zstd inner chunks
-    of at most MAX_INNER_CHUNK px a side (one channel each). Empty chunks are written too:
-    see :func:`segpc.io.outputs.encode_label_masks`."""
-    import zarr
-    from zarr.codecs import ZstdCodec
+    """Each level of ``data`` as ``path/<k>``, one shard each
+    (:func:`segpc.io.outputs.one_shard_array`, as the compact layout's arrays)."""
     from zarr.storage import MemoryStore
 
-    from segpc.io.outputs import inner_chunk
+    from segpc.io.outputs import one_shard_array
 
     for k in range(levels):
-        level = np.ascontiguousarray(downsample(data, k))
-        chunks = (*(1,) * (level.ndim - 2), *(inner_chunk(n) for n in level.shape[-2:]))
-        shard = (*level.shape[:-2], *(c * -(-n // c) for c, n in zip(chunks[-2:], level.shape[-2:])))
-        arr = zarr.create_array(MemoryStore(objects), name=f"{path}/{k}".lstrip("/"), shape=level.shape,
-                                dtype=level.dtype, chunks=chunks, shards=shard, compressors=ZstdCodec(level=3),
-                                fill_value=0, dimension_names=dims, config={"write_empty_chunks": True})
-        arr[...] = level
+        one_shard_array(MemoryStore(objects), np.ascontiguousarray(downsample(data, k)), dims,
+                        name=f"{path}/{k}".lstrip("/"))
 
 
 def encode_ngff_masks(nuclei: np.ndarray, cells: np.ndarray, image: np.ndarray | None = None,

@@ -276,9 +276,11 @@ def inner_chunk(n: int) -> int:
     return -(-n // parts)
 
 
-def encode_label_masks(nuclei: np.ndarray, cells: np.ndarray) -> dict[str, bytes]:
-    """The objects of one image's mask array: ``{"c/0/0/0": shard, "zarr.json": metadata}``,
-    encoded in memory by zarr itself.
+def one_shard_array(store, data: np.ndarray, dims: tuple[str, ...], name: str | None = None,
+                    attributes: dict | None = None) -> None:
+    """``data`` (…, H, W) into ``store`` as ONE shard of zstd inner chunks of at most
+    MAX_INNER_CHUNK px a side, one per leading index (a channel): the mask arrays of both
+    layouts (this module's and :mod:`segpc.io.ngff`'s).
 
     Empty inner chunks are written too (``write_empty_chunks``): zarr's test for them
     compares each chunk with the fill value, which costs more than compressing a sparse
@@ -286,19 +288,25 @@ def encode_label_masks(nuclei: np.ndarray, cells: np.ndarray) -> dict[str, bytes
     """
     import zarr
     from zarr.codecs import ZstdCodec
+
+    chunks = (*(1,) * (data.ndim - 2), *(inner_chunk(n) for n in data.shape[-2:]))
+    shard = (*data.shape[:-2], *(c * -(-n // c) for c, n in zip(chunks[-2:], data.shape[-2:])))
+    arr = zarr.create_array(store, name=name, shape=data.shape, dtype=data.dtype, chunks=chunks, shards=shard,
+                            compressors=ZstdCodec(level=3), fill_value=0, dimension_names=dims,
+                            attributes=attributes, config={"write_empty_chunks": True})
+    arr[...] = data
+
+
+def encode_label_masks(nuclei: np.ndarray, cells: np.ndarray) -> dict[str, bytes]:
+    """The objects of one image's mask array: ``{"c/0/0/0": shard, "zarr.json": metadata}``,
+    encoded in memory by zarr itself."""
     from zarr.storage import MemoryStore
 
     if nuclei.shape != cells.shape or nuclei.ndim != 2:
         raise ValueError(f"label maps of one image must be two (H, W) arrays: {nuclei.shape}, {cells.shape}")
-    data = np.stack([nuclei, cells.astype(nuclei.dtype, copy=False)])
-    chunks = (1, *(inner_chunk(n) for n in data.shape[1:]))
-    shard = (2, *(c * -(-n // c) for c, n in zip(chunks[1:], data.shape[1:])))
     objects: dict = {}
-    arr = zarr.create_array(MemoryStore(objects), shape=data.shape, dtype=data.dtype, chunks=chunks,
-                            shards=shard, compressors=ZstdCodec(level=3), fill_value=0,
-                            dimension_names=("channel", "y", "x"), attributes=MASK_ATTRIBUTES,
-                            config={"write_empty_chunks": True})
-    arr[...] = data
+    one_shard_array(MemoryStore(objects), np.stack([nuclei, cells.astype(nuclei.dtype, copy=False)]),
+                    ("channel", "y", "x"), attributes=MASK_ATTRIBUTES)
     return {k: v.to_bytes() for k, v in objects.items()}
 
 

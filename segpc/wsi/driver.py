@@ -21,11 +21,6 @@ from segpc.wsi.tiles import Tile, core_shape, tile_grid, tile_margin
 from segpc.wsi.tissue import MIN_FRACTION, MIN_SATURATION, tile_fractions, tissue_fraction
 
 
-def _core_in_read(tile: Tile) -> tuple[slice, slice]:
-    (cy0, cx0, cy1, cx1), (ry0, rx0) = tile.core, tile.read[:2]
-    return slice(cy0 - ry0, cy1 - ry0), slice(cx0 - rx0, cx1 - rx0)
-
-
 def segment_tiles(segmenter: Segmenter, view: SlideView, tiles: list[Tile],
                   min_fraction: float | None = None,
                   min_saturation: float = MIN_SATURATION) -> list[list[Cell] | None]:
@@ -35,7 +30,7 @@ def segment_tiles(segmenter: Segmenter, view: SlideView, tiles: list[Tile],
     skipped (None) before the networks: the tissue test for slides without a small level.
     """
     images = [view.read(t.read) for t in tiles]
-    keep = [min_fraction is None or tissue_fraction(im[_core_in_read(t)], min_saturation) >= min_fraction
+    keep = [min_fraction is None or tissue_fraction(im[t.core_in_read], min_saturation) >= min_fraction
             for t, im in zip(tiles, images)]
     results = iter(segmenter.segment_batch([im for im, k in zip(images, keep) if k]))
     return [owned(next(results).cells, t) if k else None for t, k in zip(tiles, keep)]

@@ -149,8 +149,7 @@ def is_glass(image: np.ndarray, tile: SlideTile, min_fraction: float = MIN_FRACT
     own core's pixels to be worth the networks."""
     if not tile.test_tissue:
         return False
-    (cy0, cx0, cy1, cx1), (ry0, rx0) = tile.core, tile.read[:2]
-    return tissue_fraction(image[cy0 - ry0:cy1 - ry0, cx0 - rx0:cx1 - rx0], min_saturation) < min_fraction
+    return tissue_fraction(image[tile.tile.core_in_read], min_saturation) < min_fraction
 
 
 def tile_result(result: ImageResult, tile: SlideTile) -> ImageResult:

@@ -47,6 +47,12 @@ class Tile:
         y0, x0, y1, x1 = self.read
         return y1 - y0, x1 - x0
 
+    @property
+    def core_in_read(self) -> tuple[slice, slice]:
+        """The core's pixels in the read box's image: ``image[tile.core_in_read]``."""
+        (cy0, cx0, cy1, cx1), (ry0, rx0) = self.core, self.read[:2]
+        return slice(cy0 - ry0, cy1 - ry0), slice(cx0 - rx0, cx1 - rx0)
+
 
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
