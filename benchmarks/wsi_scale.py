@@ -163,14 +163,16 @@ def run_job(input_dir: Path, output: Path, bundle: str, log: Path, every_s: floa
     return {**summary, "process_s": wall, "peak_mib": peaks}
 
 
-def tile_geometry(bundle: str, field_shape: tuple[int, int]) -> tuple[int, tuple[int, int]]:
-    """(margin, core shape) of the slide's tiles: the job's own rule."""
+def tile_geometry(bundle: str, field_shape: tuple[int, int]) -> tuple[int, tuple[int, int], tuple[int, int]]:
+    """(margin, core shape, read shape) of the slide's tiles: the job's own rule."""
     from segpc.config import Config
     from segpc.models.bundle import read_bundle_meta
-    from segpc.wsi.tiles import core_shape, tile_margin
+    from segpc.wsi.tiles import slide_grid, tile_margin
 
-    margin = tile_margin(Config.from_dict(read_bundle_meta(bundle)["config"]), field_shape)
-    return margin, core_shape(field_shape, margin)
+    config = Config.from_dict(read_bundle_meta(bundle)["config"])
+    first = slide_grid((10 ** 5, 10 ** 5), config, field_shape)[0]
+    y0, x0, y1, x1 = first.core
+    return tile_margin(config, field_shape), (y1 - y0, x1 - x0), first.shape
 
 
 def analysed(output: Path) -> dict:
@@ -264,12 +266,12 @@ def main() -> int:
               "fields_images_s": marginal(f, f_big, "images"), "tiles_s": marginal(s, big, "images")}
     steady["ratio"] = steady["slide_mp_s"] / steady["fields_mp_s"]
     growth = {k: big["peak_mib"][k] / s["peak_mib"][k] for k in ("total", "driver", "worker")}
-    margin, core = tile_geometry(bundle, field_shape)
-    read_px = s["analysed"]["images"] * field_shape[0] * field_shape[1] / 1e6
+    margin, core, read = tile_geometry(bundle, field_shape)
+    read_px = s["analysed"]["images"] * read[0] * read[1] / 1e6
     print(f"\nthroughput slide / fields (target >= 0.9x): {ratio['pipeline_s']:.2f}x pipeline, "
           f"{ratio['process_s']:.2f}x end to end; the slide's tiles read {read_px:.1f} MP for "
           f"{s['analysed']['megapixels']:.1f} MP of cores ({read_px / s['analysed']['megapixels']:.2f}x: a "
-          f"{margin} px margin around {core[0]}x{core[1]} cores in {field_shape[0]}x{field_shape[1]} reads); "
+          f"{margin} px margin around {core[0]}x{core[1]} cores in {read[0]}x{read[1]} reads); "
           f"per image (a tile against a field of one size): {per_image:.2f}x")
     print(f"steady state (the {large:g}-MP run's extra pixels over its extra pipeline time, start-up "
           f"cancelled): fields {steady['fields_mp_s']:.2f} MP/s ({steady['fields_images_s']:.1f} images/s), slide "
@@ -278,7 +280,7 @@ def main() -> int:
           f"driver {growth['driver']:.2f}x, largest other process {growth['worker']:.2f}x")
     print(json.dumps({"slides": slides, "runs": runs, "throughput_ratio": ratio, "per_image_ratio": per_image,
                       "steady_state": steady,
-                      "memory_ratio": growth, "margin": margin, "core": core,
+                      "memory_ratio": growth, "margin": margin, "core": core, "read": read,
                       "tile_read_megapixels": read_px, "work": str(work)}, default=str))
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

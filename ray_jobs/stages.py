@@ -89,7 +89,9 @@ def read_decode(batch: dict, max_pixels: int | None, config: dict) -> dict:
             else:
                 data = shard_bytes[i] if shard_bytes is not None else read_bytes(batch["uri"][i])
                 image = decode_image(data, batch["uri"][i], max_pixels or MAX_PIXELS)
-            work.append(Work(prepare(image, cfg, batch["uri"][i]) if image is not None else None))
+            # a tile is seen at the scale of the bundle's fields, and segments the nuclei it owns
+            at = {"field_shape": tile.field, "region": tile.tile.core_box_in_read} if tile is not None else {}
+            work.append(Work(prepare(image, cfg, batch["uri"][i], **at) if image is not None else None))
             h, w = tile.core_shape if tile is not None else image.shape[:2]  # a tile's image is its core
             status.append("ok"), error.append(""), width.append(w), height.append(h)
             kind.append("")

@@ -14,17 +14,16 @@ import pytest
 from segpc.config import preset
 from segpc.evaluation.metrics import iou_matrix, strict_score
 from segpc.method.crops import crop_window
-from segpc.method.results import Cell
+from segpc.method.nucleus import Nuclei
 from segpc.method.segmenter import Segmenter
 from segpc.wsi.driver import segment_slide, segment_tile, segment_tiles
-from segpc.wsi.ownership import nucleus_centre, owned
 from segpc.wsi.resolution import SlideView, choose_level
 from segpc.wsi.slide import is_whole_slide, open_slide, slide_id
 from segpc.wsi.synthetic import mosaic, write_pyramidal_tiff
-from segpc.wsi.tiles import core_shape, tile_grid, tile_margin
+from segpc.wsi.tiles import CORE_ALIGN, core_shape, slide_grid, tile_grid, tile_margin
 from segpc.wsi.tissue import stained, tile_fractions, tissue_fraction
 
-FIELD = (240, 320)  # (H, W) of the synthetic fields and of every tile's read box
+FIELD = (240, 320)  # (H, W) of the synthetic fields the bundles are taken to be trained on
 
 
 # ---------------------------------------------------------------- resolution
@@ -90,22 +89,21 @@ def test_margin_keeps_the_largest_crop_of_an_owned_nucleus_strictly_inside_the_r
 
 # ---------------------------------------------------------------- ownership
 
-def _cell(nucleus_box: tuple[int, int, int, int], origin=(0, 0)) -> Cell:
-    """A cell whose box is its nucleus box, in an image whose (0, 0) is ``origin`` of the slide."""
-    y0, x0, y1, x1 = (nucleus_box[0] - origin[0], nucleus_box[1] - origin[1],
-                      nucleus_box[2] - origin[0], nucleus_box[3] - origin[1])
-    m = np.ones((y1 - y0, x1 - x0), bool)
-    return Cell(0, 0, (y0, x0, y1, x1), m, m.copy(), 0.5, 1.0, 1.0, 0.0, False)
+def _nuclei(boxes: list[tuple[int, int, int, int]], origin=(0, 0), shape=(10 ** 4, 10 ** 4)) -> Nuclei:
+    """Solid nuclei with these slide boxes, in an image whose (0, 0) is ``origin`` of the slide."""
+    local = [(y0 - origin[0], x0 - origin[1], y1 - origin[0], x1 - origin[1]) for y0, x0, y1, x1 in boxes]
+    return Nuclei(shape, local, [np.ones((b[2] - b[0], b[3] - b[1]), bool) for b in local], [1.0] * len(local))
 
 
 def test_nucleus_centre_is_the_floor_of_the_centroid_wherever_it_is_computed():
-    c = _cell((10, 20, 12, 23))  # rows 10-11 (mean 10.5), cols 20-22 (mean 21)
-    assert nucleus_centre(c) == (10, 21)
-    assert nucleus_centre(c, (100, 1000)) == (110, 1021)
+    n = _nuclei([(10, 20, 12, 23)])  # rows 10-11 (mean 10.5), cols 20-22 (mean 21)
+    assert n.centres() == [(10, 21)]
+    assert _nuclei([(110, 1020, 112, 1023)], origin=(100, 1000)).centres() == [(10, 21)]
     m = np.zeros((3, 3), bool)
     m[0, 0] = m[2, 2] = m[2, 1] = True  # row mean 4/3, column mean 1
-    odd = Cell(0, 0, (5, 7, 8, 10), m, m.copy(), 0.5, 1.0, 1.0, 0.0, False)
-    assert nucleus_centre(odd) == (6, 8) and nucleus_centre(odd, (-5, -7)) == (1, 1)
+    odd = Nuclei((20, 20), [(5, 7, 8, 10)], [m], [1.0])
+    assert odd.centres() == [(6, 8)]
+    assert len(odd.centred_in((6, 8, 7, 9))) == 1 and len(odd.centred_in((0, 0, 6, 20))) == 0
 
 
 def test_cells_on_core_borders_are_owned_by_exactly_one_tile():
@@ -119,14 +117,23 @@ def test_cells_on_core_borders_are_owned_by_exactly_one_tile():
     for t in tiles:
         ry0, rx0, ry1, rx1 = t.read
         inside = [b for b in boxes if b[0] >= ry0 and b[1] >= rx0 and b[2] <= ry1 and b[3] <= rx1]
-        for c in owned([_cell(b, (ry0, rx0)) for b in inside], t):
-            y, x = nucleus_centre(c)
-            assert t.core[0] <= y < t.core[2] and t.core[1] <= x < t.core[3]
-            seen.append(c.box)
+        mine = _nuclei(inside, (ry0, rx0), t.shape).centred_in(t.core_box_in_read)
+        for (y0, x0, y1, x1), (y, x) in zip(mine.boxes, mine.centres()):
+            assert t.core[0] <= y + ry0 < t.core[2] and t.core[1] <= x + rx0 < t.core[3]
+            seen.append((y0 + ry0, x0 + rx0, y1 + ry0, x1 + rx0))
     # boxes at the slide's edge stick out: they are clipped out of every read box here, so
     # only the ones fully inside the slide count
     whole = [b for b in boxes if b[0] >= 0 and b[1] >= 0 and b[2] <= 300 and b[3] <= 400]
     assert sorted(seen) == sorted(whole)  # each once, in slide coordinates
+
+
+def test_slide_grid_reads_boxes_of_several_fields_with_aligned_cores():
+    cfg = preset("tiny")
+    margin = tile_margin(cfg, FIELD)
+    tiles = slide_grid((2000, 3000), cfg, FIELD)  # two fields a side: cores (380, 540) cut to 64s
+    assert tiles[0].core == (0, 0, 320, 512) and tiles[0].shape == (320 + 2 * margin, 512 + 2 * margin)
+    assert all(t.core[0] % CORE_ALIGN == 0 and t.core[1] % CORE_ALIGN == 0 for t in tiles)
+    assert slide_grid((2000, 3000), cfg, FIELD, fields_per_tile=1)[0].core == (0, 0, 128, 192)
 
 
 # ---------------------------------------------------------------- tissue
@@ -246,6 +253,11 @@ def whole_config(cfg, shape):
     return cfg
 
 
+def _centre(cell) -> tuple[int, int]:
+    """A cell's nucleus centre, by the tiles' rule, in its box's coordinates' frame."""
+    return Nuclei((0, 0), [cell.box], [cell.nucleus], [1.0]).centres()[0]
+
+
 def _full(cells, shape, what="cell"):
     out = []
     for c in cells:
@@ -265,13 +277,12 @@ def test_slide_from_s3_finds_every_cell_once_exactly_as_the_whole_mosaic_run(sli
     fs.put_file(str(path), f"{s3_bucket}/S07.tif")
     seg = Segmenter(preset("tiny"), colour_nuclei, colour_cells)
     slide = open_slide(f"{s3_bucket}/S07.tif")
-    result = segment_slide(seg, slide, FIELD)
+    result = segment_slide(seg, slide, FIELD, fields_per_tile=1)  # small tiles: many seams
     shape = s.image.shape[:2]
     whole = seg.with_config(whole_config(seg.config, shape)).segment(s.image)
     assert len(whole.cells) >= 20
     # the seams cut cells: without ownership, cells near seams come out twice
-    margin = tile_margin(seg.config, FIELD)
-    tiles = tile_grid(shape[1], shape[0], core_shape(FIELD, margin), margin)
+    tiles = slide_grid(shape, seg.config, FIELD, fields_per_tile=1)
     cores = {(t.row, t.col): t for t in tiles}
     crossing = [c for c in whole.cells if sum(
         not (c.box[2] <= t.core[0] or c.box[0] >= t.core[2] or c.box[3] <= t.core[1] or c.box[1] >= t.core[3])
@@ -285,33 +296,33 @@ def test_slide_from_s3_finds_every_cell_once_exactly_as_the_whole_mosaic_run(sli
     assert [c.cell_id for c in result.cells] == list(range(1, len(result.cells) + 1))
     nuclei = iou_matrix(_full(result.cells, shape, "nucleus"), _full(result.cells, shape, "nucleus"))
     np.fill_diagonal(nuclei, 0)
-    assert nuclei.max() <= 0.5 and len({nucleus_centre(c) for c in result.cells}) == len(result.cells)
+    assert nuclei.max() <= 0.5 and len({_centre(c) for c in result.cells}) == len(result.cells)
     truth = {"s": [t.cell for t in s.truth]}
     f1 = strict_score(truth, {"s": _full(result.cells, shape)})["f1"]
     assert f1 == strict_score(truth, {"s": _full(whole.cells, shape)})["f1"] and f1 > 0.6
     # the glass where the sixth field would be was skipped before any network ran
-    assert result.tiles == len(tiles) == 20 and result.tiles_analysed == 18
+    assert result.tiles == len(tiles) == 30 and result.tiles_analysed == 24
     assert 0.85 < result.analysed_fraction < 1.0
     assert result.mpp == pytest.approx(0.5)
     assert result.slide_mm2 == pytest.approx(520 * 1040 * 0.25 / 1e6)
     assert result.analysed_mm2 == pytest.approx(result.analysed_px * 0.25 / 1e6)
     fractions = tile_fractions(SlideView.at(slide), tiles)
-    assert sorted(f for f in fractions if f < 0.001) == [0.0, 0.0]
+    assert sorted(f for f in fractions if f < 0.001) == [0.0] * 6
     # the per-tile step alone: a tile's cells are the slide's cells of its core
     t = cores[(1, 2)]
-    mine = [key(c) for c in result.cells if t.core[0] <= nucleus_centre(c)[0] < t.core[2]
-            and t.core[1] <= nucleus_centre(c)[1] < t.core[3]]
-    assert mine and sorted(mine) == sorted(map(key, segment_tile(seg, SlideView.at(slide), t)))
+    mine = [key(c) for c in result.cells if t.core[0] <= _centre(c)[0] < t.core[2]
+            and t.core[1] <= _centre(c)[1] < t.core[3]]
+    assert mine and sorted(mine) == sorted(map(key, segment_tile(seg, SlideView.at(slide), t, FIELD)))
     # without a small level the tissue test runs on each tile's own pixels, before the networks
     glass = next(t for t, f in zip(tiles, fractions) if f == 0.0)
-    skipped, kept = segment_tiles(seg, SlideView.at(slide), [glass, t], min_fraction=0.001)
+    skipped, kept = segment_tiles(seg, SlideView.at(slide), [glass, t], FIELD, min_fraction=0.001)
     assert skipped is None and sorted(map(key, kept)) == sorted(mine)
 
 
 def test_slide_with_the_trained_unet_matches_the_field_level_run(bundle, slide_file):
-    """The quick bundle's U-Net (its cytoplasm networks are untrained: colour rule instead)
-    sees context beyond a tile, so tiles may differ from the fields by a borderline nucleus;
-    no seam may count a cell twice."""
+    """The quick bundle's U-Net (its cytoplasm networks are untrained: colour rule instead) on
+    the slide's tiles (two fields a side, seen at a field's scale) scores as on the fields
+    (the issue's bound: strict F1 within 0.01); no seam may count a cell twice."""
     from segpc.method.segmenter import nucleus_net
     from segpc.models.bundle import load_bundle
 
@@ -334,7 +345,7 @@ def test_slide_with_the_trained_unet_matches_the_field_level_run(bundle, slide_f
     f1 = strict_score(truth, {"s": _full(result.cells, shape)})["f1"]
     f1_fields = strict_score(truth, {"s": _full(field_cells, shape)})["f1"]
     print(f"slide: {len(result.cells)} cells, F1 {f1:.3f}; fields: {len(field_cells)} cells, F1 {f1_fields:.3f}")
-    assert abs(f1 - f1_fields) <= 0.05 and f1 > 0.6
+    assert abs(f1 - f1_fields) <= 0.01 and f1 > 0.6
 
 
 # ---------------------------------------------------------------- the batch job's pure steps
@@ -348,13 +359,16 @@ def test_job_rows_of_a_slide_and_their_results_are_the_slide_drivers(slide_file,
     s, path = slide_file
     seg = Segmenter(preset("tiny"), colour_nuclei, colour_cells)
     head, tiles = slide_tiles(str(path), seg.config, FIELD)
-    assert (head.kind, head.tiles, head.skipped, len(tiles)) == (SLIDE, 20, 2, 18)
+    assert (head.kind, head.tiles, head.skipped, len(tiles)) == (SLIDE, 6, 1, 5)  # 2 x 3, a glass sliver
+    assert {t.tile.shape for t in tiles} == {(420, 612)} and all(t.field == FIELD for t in tiles)
     assert head.mpp == pytest.approx(0.5) and head.shape == (520, 1040)
     assert all(SlideTile.from_json(t.to_json()) == t for t in [head, *tiles])
     assert tile_id("S07", 1, 2) == "S07__tile-1-2"
     ref = segment_slide(seg, open_slide(str(path)), FIELD)
     got = []
-    for t, res in zip(tiles, seg.segment_batch([read_tile(t) for t in tiles])):
+    results = seg.segment_batch([read_tile(t) for t in tiles], field_shape=FIELD,
+                                regions=[t.tile.core_box_in_read for t in tiles])
+    for t, res in zip(tiles, results):
         kept = tile_result(res, t)
         assert kept.shape == t.core_shape and [c.cell_id for c in kept.cells] == list(range(1, len(kept.cells) + 1))
         nuclei, cells = kept.label_maps()  # the core only; cells reaching past it are cut

@@ -84,7 +84,9 @@ def paste(crop: np.ndarray, window: Box, shape: tuple[int, int],
 
 @dataclass(frozen=True)
 class Fit:
-    """How a (h, w) crop sits in the square network input: resized by ``factor``, centred."""
+    """How a (h, w) crop sits in the network input: resized by ``factor``; centred in a
+    square of side ``size`` (:func:`plan_fit`), or at the top left of an input whose longer
+    side is ``size`` (:func:`fit_at_factor`)."""
 
     h: int
     w: int
@@ -115,6 +117,20 @@ def fit_to_input(crop: np.ndarray, size: int, interpolation: int = cv2.INTER_ARE
     out = np.zeros((size, size) + crop.shape[2:], crop.dtype)
     out[fit.top:fit.top + fit.inner_h, fit.left:fit.left + fit.inner_w] = inner
     return out, fit
+
+
+def fit_at_factor(image: np.ndarray, factor: float, multiple: int = 32,
+                  interpolation: int = cv2.INTER_AREA) -> tuple[np.ndarray, Fit]:
+    """Resize a (h, w, C) image by ``factor`` and zero-pad it right and below to multiples of
+    ``multiple`` (what a U-Net's strides need): a whole-slide tile larger than the training
+    fields, seen at the scale a field is (:func:`fit_to_input` would shrink it further)."""
+    h, w = image.shape[:2]
+    ih, iw = (h, w) if factor == 1.0 else (max(1, half_up(h * factor)), max(1, half_up(w * factor)))
+    inner = image if (ih, iw) == (h, w) else cv2.resize(image, (iw, ih), interpolation=interpolation)
+    ph, pw = -(-ih // multiple) * multiple, -(-iw // multiple) * multiple
+    out = np.zeros((ph, pw) + image.shape[2:], image.dtype)
+    out[:ih, :iw] = inner.reshape((ih, iw) + image.shape[2:])
+    return out, Fit(h, w, max(ph, pw), factor, 0, 0, ih, iw)
 
 
 def cut_and_fit(source: np.ndarray, origin: tuple[int, int], window: Box, image_shape: tuple[int, int],

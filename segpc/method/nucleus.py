@@ -38,17 +38,20 @@ def clean_mask(mask: np.ndarray, min_area: float, opening: bool = True) -> np.nd
 
 
 def nucleus_instances(prob: np.ndarray, threshold: float = 0.5, min_area: float = 80.0,
-                      reference_pixels: int = 800 * 800, diameter: float | None = None) -> np.ndarray:
+                      reference_pixels: int = 800 * 800, diameter: float | None = None,
+                      map_pixels: int | None = None) -> np.ndarray:
     """Probability map (H, W) -> int32 labels 1..n (0 background), at the map's resolution.
 
     ``min_area`` is given at the reference resolution (800x800 in the paper) and scaled to
     this map's pixel count, so the same bundle behaves alike on both cameras. ``diameter``
     (the expected nucleus diameter in this map's pixels) splits touching nuclei with a marker
-    watershed; None leaves them joined, as the published code does.
+    watershed; None leaves them joined, as the published code does. ``map_pixels``: the pixel
+    count the area is scaled by, when it is not the map's own (a whole-slide tile larger than a
+    field, seen at the field's scale, keeps the field's rule).
     """
     if prob.ndim != 2:
         raise InputError(f"nucleus probability map must be 2-D, got shape {prob.shape}")
-    scaled_min = min_area * prob.size / reference_pixels
+    scaled_min = min_area * (map_pixels or prob.size) / reference_pixels
     mask = clean_mask(prob >= threshold, scaled_min)
     if diameter is None:
         labels, _ = ndi.label(mask, structure=np.ones((3, 3), bool))
@@ -91,6 +94,24 @@ class Nuclei:
             out[oy0 - wy0:oy1 - wy0, ox0 - wx0:ox1 - wx0] = self.masks[i][oy0 - y0:oy1 - y0, ox0 - x0:ox1 - x0]
         return out
 
+    def centres(self) -> list[tuple[int, int]]:
+        """Per nucleus (y, x): the floor of its pixels' centroid, in integers, so the same
+        nucleus seen in two overlapping tiles has the same centre in slide pixels."""
+        out = []
+        for (y0, x0, _, _), m in zip(self.boxes, self.masks):
+            rows, cols = np.nonzero(m)
+            n = max(rows.size, 1)
+            out.append(((int(rows.sum()) + n * y0) // n, (int(cols.sum()) + n * x0) // n))
+        return out
+
+    def centred_in(self, region: Box) -> "Nuclei":
+        """The nuclei whose centre lies in ``region``: a whole-slide tile keeps the nuclei it
+        owns (its core) before any crop is cut for them."""
+        y0, x0, y1, x1 = region
+        keep = [i for i, (y, x) in enumerate(self.centres()) if y0 <= y < y1 and x0 <= x < x1]
+        return Nuclei(self.shape, [self.boxes[i] for i in keep], [self.masks[i] for i in keep],
+                      [self.scores[i] for i in keep])
+
     def label_map(self) -> np.ndarray:
         """int32 (H, W): nucleus i is labelled i + 1 (for tests, training and pictures)."""
         out = np.zeros(self.shape, np.int32)
@@ -99,11 +120,13 @@ class Nuclei:
         return out
 
 
-def find_nuclei(prob: np.ndarray, shape: tuple[int, int], cfg: NucleusConfig) -> Nuclei:
+def find_nuclei(prob: np.ndarray, shape: tuple[int, int], cfg: NucleusConfig,
+                map_pixels: int | None = None) -> Nuclei:
     """Stage 1 after the network: instances on the U-Net's map (the image's part of its
-    input, at the network's resolution), brought to the image's full (H, W)."""
+    input, at the network's resolution), brought to the image's full (H, W).
+    ``map_pixels``: see :func:`nucleus_instances`."""
     labels = nucleus_instances(prob, cfg.threshold, cfg.min_area, cfg.min_area_at ** 2,
-                               cfg.diameter if cfg.split_touching else None)
+                               cfg.diameter if cfg.split_touching else None, map_pixels)
     return to_full_size(prob, labels, shape, cfg.threshold)
 
 

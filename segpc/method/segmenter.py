@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from segpc.config import Config
+from segpc.method.crops import Box
 from segpc.method.cytoplasm import gather_inputs
 from segpc.method.nucleus import Nuclei
 from segpc.method.results import ImageResult
@@ -59,16 +60,22 @@ class Segmenter:
     def segment(self, image: np.ndarray) -> ImageResult:
         return self.segment_batch([image])[0]
 
-    def segment_batch(self, images: list[np.ndarray], nuclei: list[Nuclei] | None = None) -> list[ImageResult]:
+    def segment_batch(self, images: list[np.ndarray], nuclei: list[Nuclei] | None = None,
+                      field_shape: tuple[int, int] | None = None,
+                      regions: list[Box | None] | None = None) -> list[ImageResult]:
         """Crops of all nuclei of the batch run together per scale; the cascade sends a
         nucleus to the next scale only while its candidate needs a larger crop."""
-        return [finish(st, self.config) for st in self.run(images, nuclei)]
+        return [finish(st, self.config) for st in self.run(images, nuclei, field_shape, regions)]
 
-    def run(self, images: list[np.ndarray], nuclei: list[Nuclei] | None = None) -> list[ImageState]:
+    def run(self, images: list[np.ndarray], nuclei: list[Nuclei] | None = None,
+            field_shape: tuple[int, int] | None = None,
+            regions: list[Box | None] | None = None) -> list[ImageState]:
         """Every step but the aggregation: each image's nuclei and all its candidates. Given
-        ``nuclei`` (one per image) replace stage 1, to judge stage 2 on its own."""
+        ``nuclei`` (one per image) replace stage 1, to judge stage 2 on its own. Whole-slide
+        tiles give ``field_shape`` and their cores as ``regions`` (:func:`prepare`)."""
         cfg = self.config
-        states = [prepare(im, cfg, f"image {n}") for n, im in enumerate(images)]
+        regions = regions or [None] * len(images)
+        states = [prepare(im, cfg, f"image {n}", field_shape, r) for n, (im, r) in enumerate(zip(images, regions))]
         if nuclei is None:
             run_nucleus(states, self.nucleus_fn)
         for n, st in enumerate(states):

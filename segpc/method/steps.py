@@ -23,7 +23,7 @@ from segpc.errors import InputError
 from segpc.io.imaging import equalize
 from segpc.io.stain import normalize_stain
 from segpc.method.aggregate import Candidate, confident, next_scale, runs_every_scale, select
-from segpc.method.crops import Fit, clip_box, crop_window, fit_to_input
+from segpc.method.crops import Box, Fit, clip_box, crop_window, fit_at_factor, fit_to_input, plan_fit
 from segpc.method.cytoplasm import CropInput, candidate_from_probability, crop_from
 from segpc.method.nucleus import Nuclei, find_nuclei
 from segpc.method.results import Cell, ImageResult
@@ -44,6 +44,10 @@ class ImageState:
     image: np.ndarray | None
     nucleus_input: np.ndarray | None = None  # uint8 (S, S, 3): the U-Net's input, until it ran
     fit: Fit | None = None  # where the image lies in that input
+    # a whole-slide tile: the pixel count of a training field on the U-Net's map (the nucleus
+    # size rule's reference), and the core (only nuclei centred there are segmented)
+    map_pixels: int | None = None
+    region: Box | None = None
     nucleus_prob: np.ndarray | None = None  # float16: the U-Net's map over the image, its resolution
     nuclei: Nuclei | None = None
     # per nucleus: (pixels, origin) of its largest window's in-image part, until it is done
@@ -54,25 +58,35 @@ class ImageState:
     inferences: dict[float, int] = field(default_factory=dict)  # cytoplasm crops run per scale
 
 
-def prepare(image: np.ndarray, config: Config, name: str = "image") -> ImageState:
+def prepare(image: np.ndarray, config: Config, name: str = "image",
+            field_shape: tuple[int, int] | None = None, region: Box | None = None) -> ImageState:
     """The U-Net's input: the image in the bundle's reference stain (if it has one), fitted
-    aspect-preserving into its square (CPU). Both stages see the normalised image."""
+    aspect-preserving into its square (CPU). Both stages see the normalised image.
+
+    A whole-slide tile gives ``field_shape`` (the bundle's training field): the tile, larger
+    than a field, is resized by the factor a field is, so the U-Net sees it at the scale it
+    learnt; ``region`` (its core) limits the cells to the nuclei centred there."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise InputError(f"{name}: expected RGB uint8 (H, W, 3), got {image.dtype} {image.shape}")
     image = normalize_stain(image, config.stain, name)
-    x, fit = fit_to_input(image, config.nucleus.input_size)
-    return ImageState(image.shape[:2], image, x, fit)
+    if field_shape is None:
+        x, fit = fit_to_input(image, config.nucleus.input_size)
+        return ImageState(image.shape[:2], image, x, fit, region=region)
+    field = plan_fit(*field_shape, config.nucleus.input_size)
+    x, fit = fit_at_factor(image, field.factor)
+    return ImageState(image.shape[:2], image, x, fit, map_pixels=field.inner_h * field.inner_w, region=region)
 
 
 def run_nucleus(states: list[ImageState], net: NucleusNet) -> None:
-    """Network only: the U-Net over the batch's prepared inputs."""
+    """Network only: the U-Net over the batch's prepared inputs, one call per input shape
+    (fields' squares; whole-slide tiles' larger inputs)."""
     todo = [s for s in states if s.nucleus_input is not None]
-    if not todo:
-        return
-    for s, p in zip(todo, net(np.stack([s.nucleus_input for s in todo]))):
-        f = s.fit
-        s.nucleus_prob = p[f.top:f.top + f.inner_h, f.left:f.left + f.inner_w].astype(np.float16)
-        s.nucleus_input = None
+    for shape in dict.fromkeys(s.nucleus_input.shape for s in todo):
+        group = [s for s in todo if s.nucleus_input.shape == shape]
+        for s, p in zip(group, net(np.stack([s.nucleus_input for s in group]))):
+            f = s.fit
+            s.nucleus_prob = p[f.top:f.top + f.inner_h, f.left:f.left + f.inner_w].astype(np.float16)
+            s.nucleus_input = None
 
 
 def find(state: ImageState, config: Config, keep_image: bool = False, nuclei: Nuclei | None = None) -> None:
@@ -80,7 +94,9 @@ def find(state: ImageState, config: Config, keep_image: bool = False, nuclei: Nu
     and the crops of the first scale. Given ``nuclei`` (the truth's, when judging stage 2
     alone) take the place of the U-Net's."""
     if nuclei is None:
-        nuclei = find_nuclei(state.nucleus_prob.astype(np.float32), state.shape, config.nucleus)
+        nuclei = find_nuclei(state.nucleus_prob.astype(np.float32), state.shape, config.nucleus, state.map_pixels)
+    if state.region is not None:  # a slide tile: its own nuclei only, before any crop is cut
+        nuclei = nuclei.centred_in(state.region)
     state.nuclei, state.nucleus_prob = nuclei, None
     source = equalize(state.image) if config.cytoplasm.equalize else state.image
     largest = max(config.cytoplasm.scales)

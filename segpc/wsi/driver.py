@@ -1,9 +1,9 @@
 """Segmenting a whole slide tile by tile in one process: the reference the Ray job will
 distribute.
 
-:func:`segment_tiles` is the per-tile step (read the read box, run the segmenter, keep the
-owned cells in slide coordinates); it needs nothing from other tiles, so a Ray actor can run
-it on any batch of tiles. :func:`segment_slide` lays the grid, skips tiles without stained
+:func:`segment_tiles` is the per-tile step (read the read box, run the segmenter on the
+nuclei the tile owns, move their cells to slide coordinates); it needs nothing from other
+tiles, so a Ray actor can run it on any batch of tiles. :func:`segment_slide` lays the grid, skips tiles without stained
 material before any network runs, and gathers the cells and the analysed area.
 """
 
@@ -14,17 +14,17 @@ from dataclasses import dataclass, replace
 from segpc.errors import InputError
 from segpc.method.results import Cell
 from segpc.method.segmenter import Segmenter
-from segpc.wsi.ownership import owned
 from segpc.wsi.resolution import SlideView
 from segpc.wsi.slide import Slide
-from segpc.wsi.tiles import Tile, core_shape, tile_grid, tile_margin
+from segpc.wsi.tiles import TILE_FIELDS, Tile, slide_grid
 from segpc.wsi.tissue import MIN_FRACTION, MIN_SATURATION, tile_fractions, tissue_fraction
 
 
-def segment_tiles(segmenter: Segmenter, view: SlideView, tiles: list[Tile],
+def segment_tiles(segmenter: Segmenter, view: SlideView, tiles: list[Tile], field_shape: tuple[int, int],
                   min_fraction: float | None = None,
                   min_saturation: float = MIN_SATURATION) -> list[list[Cell] | None]:
-    """Per tile, its owned cells in slide coordinates (ids as found, not yet numbered).
+    """Per tile, its owned cells in slide coordinates (ids as found, not yet numbered); the
+    U-Net sees the tiles at the scale of ``field_shape`` fields.
 
     With ``min_fraction``, a tile whose core's own pixels are less stained than that is
     skipped (None) before the networks: the tissue test for slides without a small level.
@@ -32,13 +32,20 @@ def segment_tiles(segmenter: Segmenter, view: SlideView, tiles: list[Tile],
     images = [view.read(t.read) for t in tiles]
     keep = [min_fraction is None or tissue_fraction(im[t.core_in_read], min_saturation) >= min_fraction
             for t, im in zip(tiles, images)]
-    results = iter(segmenter.segment_batch([im for im, k in zip(images, keep) if k]))
-    return [owned(next(results).cells, t) if k else None for t, k in zip(tiles, keep)]
+    todo = [t for t, k in zip(tiles, keep) if k]
+    results = iter(segmenter.segment_batch([im for im, k in zip(images, keep) if k], field_shape=field_shape,
+                                           regions=[t.core_box_in_read for t in todo]))
+    return [_in_slide(next(results).cells, t) if k else None for t, k in zip(tiles, keep)]
 
 
-def segment_tile(segmenter: Segmenter, view: SlideView, tile: Tile) -> list[Cell]:
+def _in_slide(cells: list[Cell], tile: Tile) -> list[Cell]:
+    ry0, rx0 = tile.read[:2]
+    return [replace(c, box=(c.box[0] + ry0, c.box[1] + rx0, c.box[2] + ry0, c.box[3] + rx0)) for c in cells]
+
+
+def segment_tile(segmenter: Segmenter, view: SlideView, tile: Tile, field_shape: tuple[int, int]) -> list[Cell]:
     """One tile's owned cells in slide coordinates."""
-    return segment_tiles(segmenter, view, [tile])[0]
+    return segment_tiles(segmenter, view, [tile], field_shape)[0]
 
 
 def _area(box) -> int:
@@ -75,14 +82,14 @@ class SlideResult:
         return None if self.mpp is None else self.slide_px * self.mpp ** 2 / 1e6
 
 
-def segment_slide(segmenter: Segmenter, slide: Slide, tile_shape: tuple[int, int],
+def segment_slide(segmenter: Segmenter, slide: Slide, field_shape: tuple[int, int],
                   target_mpp: float | None = None, mpp: float | None = None,
                   min_fraction: float = MIN_FRACTION, min_saturation: float = MIN_SATURATION,
-                  batch_size: int = 4) -> SlideResult:
+                  batch_size: int = 4, fields_per_tile: float = TILE_FIELDS) -> SlideResult:
     """Every plasma cell of ``slide``, each once.
 
-    ``tile_shape`` (H, W): the read box of every tile, in view pixels; give the size of the
-    fields the bundle was trained on, so the U-Net sees tiles at the scale it learnt.
+    ``field_shape`` (H, W): the fields the bundle was trained on, in view pixels: the U-Net
+    sees tiles at their scale, and read boxes are about ``fields_per_tile`` fields a side.
     ``target_mpp``: the bundle's pixel size (None: level 0 as scanned); ``mpp`` stands in
     for a slide whose metadata lacks its pixel size. Tiles whose core is less than
     ``min_fraction`` stained are skipped before any network runs.
@@ -90,9 +97,7 @@ def segment_slide(segmenter: Segmenter, slide: Slide, tile_shape: tuple[int, int
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     view = SlideView.at(slide, target_mpp, mpp)
-    margin = tile_margin(segmenter.config, tile_shape)
-    height, width = view.shape
-    tiles = tile_grid(width, height, core_shape(tile_shape, margin), margin)
+    tiles = slide_grid(view.shape, segmenter.config, field_shape, fields_per_tile)
     fractions = tile_fractions(view, tiles, min_saturation)
     if fractions is not None:
         todo = [t for t, f in zip(tiles, fractions) if f >= min_fraction]
@@ -103,7 +108,7 @@ def segment_slide(segmenter: Segmenter, slide: Slide, tile_shape: tuple[int, int
     analysed = done = 0
     for i in range(0, len(todo), batch_size):
         batch = todo[i:i + batch_size]
-        for tile, found in zip(batch, segment_tiles(segmenter, view, batch, per_tile, min_saturation)):
+        for tile, found in zip(batch, segment_tiles(segmenter, view, batch, field_shape, per_tile, min_saturation)):
             if found is None:
                 continue
             done += 1

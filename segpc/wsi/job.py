@@ -10,10 +10,11 @@ slide directly under ``--input`` is ``<slide_id>__tile-<row>-<col>``). Ids depen
 the file's path, the bundle and the flags, so a resumed run finds the same ones. What a tile
 row needs to read its pixels travels with it as :class:`SlideTile` JSON (``tile`` column).
 
-A tile's image is its read box; its *result* is its core: the owned cells (nucleus centre
-in the core, :mod:`segpc.wsi.ownership`), numbered 1..n, in the core's coordinates (a cell
-may reach past the core by up to the margin), so the per-tile label masks cover the core
-only and no slide pixel is written twice.
+A tile's image is its read box, seen by the U-Net at the scale of a training field; its
+*result* is its core: the cells of the nuclei it owns (nucleus centre in the core,
+:mod:`segpc.wsi.tiles`; the others are dropped after stage 1), numbered 1..n, in the core's
+coordinates (a cell may reach past the core by up to the margin), so the per-tile label
+masks cover the core only and no slide pixel is written twice.
 """
 
 from __future__ import annotations
@@ -29,10 +30,9 @@ from segpc.config import Config
 from segpc.errors import InputError
 from segpc.method.crops import Box
 from segpc.method.results import ImageResult
-from segpc.wsi.ownership import owned
 from segpc.wsi.resolution import SlideView
 from segpc.wsi.slide import Slide, open_slide
-from segpc.wsi.tiles import Tile, core_shape, tile_grid, tile_margin
+from segpc.wsi.tiles import TILE_FIELDS, Tile, slide_grid
 from segpc.wsi.tissue import MIN_FRACTION, MIN_SATURATION, tile_fractions, tissue_fraction
 
 SLIDE, TILE, GLASS = "slide", "tile", "glass"  # images/ ``kind`` of slide-derived rows
@@ -54,6 +54,7 @@ class SlideTile:
     col: int = -1
     core: Box | None = None
     read: Box | None = None
+    field: tuple[int, int] | None = None  # tile rows: the bundle's training field (the U-Net's scale)
     tiles: int = 0  # slide rows: tiles in the grid
     skipped: int = 0  # slide rows: tiles skipped as glass on the small level
     test_tissue: bool = False  # tile rows: no small level, test the core's own pixels when read
@@ -66,7 +67,7 @@ class SlideTile:
     @classmethod
     def from_json(cls, text: str) -> "SlideTile":
         d = json.loads(text)
-        for k in ("shape", "core", "read"):
+        for k in ("shape", "core", "read", "field"):
             d[k] = tuple(d[k]) if d[k] is not None else None
         return cls(**d)
 
@@ -97,12 +98,13 @@ def tile_id(slide_image_id: str, row: int, col: int) -> str:
 
 def slide_tiles(uri: str, config: Config, field_shape: tuple[int, int] | None,
                 target_mpp: float | None = None, mpp: float | None = None,
-                min_fraction: float = MIN_FRACTION,
-                min_saturation: float = MIN_SATURATION) -> tuple[SlideTile, list[SlideTile]]:
+                min_fraction: float = MIN_FRACTION, min_saturation: float = MIN_SATURATION,
+                fields_per_tile: float = TILE_FIELDS) -> tuple[SlideTile, list[SlideTile]]:
     """(slide row, tile rows to analyse) of the slide at ``uri``: opens its directory, picks
     the level for ``target_mpp`` (the bundle's; ``mpp`` stands in for a slide that does not
-    record its own), lays the grid with read boxes of ``field_shape`` (the bundle's training
-    field) and runs the tissue test on a small level. Reads no full-resolution pixel."""
+    record its own), lays the grid for the bundle's training ``field_shape``
+    (:func:`segpc.wsi.tiles.slide_grid`) and runs the tissue test on a small level. Reads no
+    full-resolution pixel."""
     if field_shape is None:
         raise InputError(f"{uri}: the bundle does not record the size of its training fields (it "
                          "predates whole-slide support): retrain it with this version to segment slides")
@@ -111,15 +113,13 @@ def slide_tiles(uri: str, config: Config, field_shape: tuple[int, int] | None,
             raise InputError(f"{uri}: the slide does not record its pixel size and the bundle was trained "
                              f"at {target_mpp:g} µm/px: pass --mpp (µm per pixel of the scan's full resolution)")
         view = SlideView.at(slide, target_mpp, mpp)
-        margin = tile_margin(config, field_shape)
-        height, width = view.shape
-        tiles = tile_grid(width, height, core_shape(field_shape, margin), margin)
+        tiles = slide_grid(view.shape, config, field_shape, fields_per_tile)
         fractions = tile_fractions(view, tiles, min_saturation)
     base = dict(uri=uri, level=view.level, factor=view.factor, mpp=view.mpp, to_level0=view.to_level0,
                 shape=view.shape)
     keep = tiles if fractions is None else [t for t, f in zip(tiles, fractions) if f >= min_fraction]
     row = SlideTile(SLIDE, tiles=len(tiles), skipped=len(tiles) - len(keep), **base)
-    return row, [SlideTile(TILE, row=t.row, col=t.col, core=t.core, read=t.read,
+    return row, [SlideTile(TILE, row=t.row, col=t.col, core=t.core, read=t.read, field=tuple(field_shape),
                            test_tissue=fractions is None, **base) for t in keep]
 
 
@@ -153,11 +153,12 @@ def is_glass(image: np.ndarray, tile: SlideTile, min_fraction: float = MIN_FRACT
 
 
 def tile_result(result: ImageResult, tile: SlideTile) -> ImageResult:
-    """The tile's share of the slide: its owned cells, numbered 1..n in the order found, with
-    boxes in the core's coordinates; the result's shape is the core's."""
-    cy0, cx0 = tile.core[:2]
-    cells = [replace(c, cell_id=i + 1, box=(c.box[0] - cy0, c.box[1] - cx0, c.box[2] - cy0, c.box[3] - cx0))
-             for i, c in enumerate(owned(result.cells, tile.tile))]
+    """The tile's share of the slide: the cells of its read box's image (the nuclei it owns
+    only, :func:`segpc.method.steps.prepare`'s ``region``), numbered 1..n in the order found,
+    with boxes in the core's coordinates; the result's shape is the core's."""
+    y0, x0 = tile.tile.core_box_in_read[:2]
+    cells = [replace(c, cell_id=i + 1, box=(c.box[0] - y0, c.box[1] - x0, c.box[2] - y0, c.box[3] - x0))
+             for i, c in enumerate(result.cells)]
     return ImageResult(tile.core_shape, cells, result.n_nuclei, dict(result.inferences))
 
 

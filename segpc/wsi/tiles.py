@@ -3,13 +3,19 @@
 Pure geometry. A tile's *core* is its share of the slide: the cores of a grid cover every
 pixel exactly once. Its *read box* is the core grown by ``margin`` on each side (the part
 the networks see). Every read box has the same shape, ``core + 2 * margin`` per axis, shifted
-inwards at the slide's edges rather than clipped, because the nucleus U-Net fits its input
-to the image: tiles of one shape are seen at one scale, the scale of the fields the bundle
-was trained on when the tile has their size. Only a slide smaller than a tile gives smaller
-read boxes (the whole slide).
+inwards at the slide's edges rather than clipped, so that a batch of tiles is one input
+shape. The U-Net sees a tile resized by the factor that fits a training field into its input
+(:func:`segpc.method.steps.prepare`), so a tile may be larger than a field: :func:`slide_grid`
+makes read boxes about :data:`TILE_FIELDS` fields on a side, so that the margin, read twice,
+is a small share of what is read. Only a slide smaller than a tile gives smaller read boxes.
 
-The margin bound (:func:`tile_margin`): a cell is kept by the tile whose core holds its
-nucleus centre (:mod:`segpc.wsi.ownership`). For that tile to see the cell exactly as an
+Ownership: a cell belongs to the tile whose core holds its nucleus centre, the floor of its
+nucleus pixels' centroid in integers (:meth:`segpc.method.nucleus.Nuclei.centres`). Cores
+partition the slide, so a nucleus whose centre is the same in every tile that sees it is
+kept exactly once, with no exchange between tiles. A tile drops the nuclei it does not own
+right after stage 1, before their crops are cut.
+
+The margin bound (:func:`tile_margin`): for the owning tile to see the cell exactly as an
 untiled run would, the largest crop window the cascade can cut around the nucleus must lie
 strictly inside the read box (a window edge on the read box's edge would count as the image
 border in the truncation rule). The centre lies inside the nucleus box, so with ``h`` the
@@ -30,6 +36,8 @@ from segpc.errors import InputError
 from segpc.method.crops import Box, half_up
 
 NUCLEUS_LIMIT = 2.0  # longest nucleus the margin guarantees, in expected nucleus diameters
+TILE_FIELDS = 2  # a tile's read box: about this many training fields on each side
+CORE_ALIGN = 64  # core sides are multiples of this (whole chunks of a label pyramid's levels)
 
 
 @dataclass(frozen=True)
@@ -48,10 +56,16 @@ class Tile:
         return y1 - y0, x1 - x0
 
     @property
+    def core_box_in_read(self) -> Box:
+        """The core in the read box's image coordinates."""
+        (cy0, cx0, cy1, cx1), (ry0, rx0) = self.core, self.read[:2]
+        return cy0 - ry0, cx0 - rx0, cy1 - ry0, cx1 - rx0
+
+    @property
     def core_in_read(self) -> tuple[slice, slice]:
         """The core's pixels in the read box's image: ``image[tile.core_in_read]``."""
-        (cy0, cx0, cy1, cx1), (ry0, rx0) = self.core, self.read[:2]
-        return slice(cy0 - ry0, cy1 - ry0), slice(cx0 - rx0, cx1 - rx0)
+        y0, x0, y1, x1 = self.core_box_in_read
+        return slice(y0, y1), slice(x0, x1)
 
 
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
@@ -94,6 +108,17 @@ def tile_margin(config: Config, tile_shape: tuple[int, int]) -> int:
     net_per_tile = min(1.0, config.nucleus.input_size / max(tile_shape))  # the U-Net's fit
     h = math.ceil(NUCLEUS_LIMIT * config.nucleus.diameter / net_per_tile)
     return h + half_up(max(config.cytoplasm.scales) * h / 2)
+
+
+def slide_grid(shape: tuple[int, int], config: Config, field_shape: tuple[int, int],
+               fields_per_tile: float = TILE_FIELDS) -> list[Tile]:
+    """The tiles of a slide view of ``shape`` (H, W) for a bundle trained on ``field_shape``
+    fields: the margin of such fields (:func:`tile_margin`), cores of read boxes about
+    ``fields_per_tile`` fields on a side, cut down to multiples of :data:`CORE_ALIGN`."""
+    margin = tile_margin(config, field_shape)
+    size = (round(fields_per_tile * field_shape[0]), round(fields_per_tile * field_shape[1]))
+    core = tuple(c // CORE_ALIGN * CORE_ALIGN if c >= CORE_ALIGN else c for c in core_shape(size, margin))
+    return tile_grid(shape[1], shape[0], core, margin)
 
 
 def core_shape(tile_shape: tuple[int, int], margin: int) -> tuple[int, int]:
