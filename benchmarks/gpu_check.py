@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_check.py --bundle BUNDLE [--ray] [--images 200]
 
-1. inference through NetworkRunner (bf16 autocast, channels_last, pinned-memory copies)
+1. inference through NetworkRunner (bf16 autocast, channels_last for the U-Net, pinned-memory copies)
    against fp32 on the same GPU: throughput ratio and the largest probability difference,
    for the paper-size networks (U-Net at 800x800; Attention DeepLabv3+ at 256 and 384);
 2. training steps with mixed precision against fp32 (paper-size cytoplasm network);
@@ -46,8 +46,9 @@ def inference(results: dict) -> None:
              ("adeeplab-384", build_cytoplasm_model(cfg.cytoplasm), (64, 4, 384, 384))]
     for name, model, shape in cases:
         x = np.random.default_rng(0).random(shape, dtype=np.float32)
-        amp = NetworkRunner(model, "cuda", batch_size=shape[0], amp=True)
-        fp32 = NetworkRunner(model, "cuda", batch_size=shape[0], amp=False)
+        layout = {"channels_last": name.startswith("unet")}  # as the segmenter runs them
+        amp = NetworkRunner(model, "cuda", batch_size=shape[0], amp=True, **layout)
+        fp32 = NetworkRunner(model, "cuda", batch_size=shape[0], amp=False, **layout)
         t_amp, t_fp32 = timed(lambda: amp(x)), timed(lambda: fp32(x))
         diff = float(np.abs(amp(x) - fp32(x)).max())
         results[name] = {"amp_items_per_s": shape[0] / t_amp, "fp32_items_per_s": shape[0] / t_fp32,

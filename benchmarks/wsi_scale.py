@@ -1,7 +1,7 @@
 """Whole slides through the batch job: throughput against the same pixels as field images,
 and peak memory for a slide and a slide 4x its size.
 
-    python benchmarks/wsi_scale.py [--bundle /tmp/after-tiny/bundle] [--megapixels 50 200]
+    python benchmarks/wsi_scale.py [--bundle /tmp/after-tiny/bundle] [--megapixels 50 200] [--tile-fields 2 3]
 
 A synthetic slide of about N megapixels is a grid of synthetic fields of the bundle's
 training field shape (:func:`segpc.io.synthetic.make_image`), edge to edge, with a share
@@ -9,6 +9,7 @@ of the grid positions (``--glass``) left bare glass (the larger slide: the small
 grid scaled on each side); it is written as a tiled pyramidal TIFF
 (levels 1, 1/4, 1/16, the pixel size in its tags) strip by strip, so this script never holds
 the slide in memory. The non-glass fields are also written as PNG field images (one folder).
+With several ``--tile-fields``, the slide jobs run once per tile size against one fields run.
 
 Each job is a fresh process running ``ray_jobs.segment.run`` (its own local Ray, local
 folders in and out); the summed PSS of that process and every process it starts (Ray's
@@ -40,6 +41,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 from _common import process_tree, pss_kib
+
+from segpc.wsi.tiles import TILE_FIELDS
 
 ROOT = Path(__file__).resolve().parents[1]
 TILE = 160  # TIFF tile side: divides 480x640 fields, so a field row is whole tile rows
@@ -131,12 +134,13 @@ def write_slide(path: Path, rows: int, cols: int, field_shape: tuple[int, int], 
             "field_megapixels": (rows * cols - len(empty)) * fh * fw / 1e6}
 
 
-def run_job(input_dir: Path, output: Path, bundle: str, log: Path, every_s: float) -> dict:
+def run_job(input_dir: Path, output: Path, bundle: str, log: Path, every_s: float,
+            extra: tuple[str, ...] = ()) -> dict:
     """One batch job in a fresh process (its own Ray): its summary, wall time, and peak PSS
     (MiB): summed over the driver and every process it started, the driver alone, and the
     largest single other process."""
     cmd = [sys.executable, "-c", JOB, "--input", str(input_dir), "--output", str(output),
-           "--bundle", bundle, "--progress-every", "100000"]
+           "--bundle", bundle, "--progress-every", "100000", *extra]
     t0 = time.time()
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -163,14 +167,15 @@ def run_job(input_dir: Path, output: Path, bundle: str, log: Path, every_s: floa
     return {**summary, "process_s": wall, "peak_mib": peaks}
 
 
-def tile_geometry(bundle: str, field_shape: tuple[int, int]) -> tuple[int, tuple[int, int], tuple[int, int]]:
+def tile_geometry(bundle: str, field_shape: tuple[int, int],
+                  fields_per_tile: float) -> tuple[int, tuple[int, int], tuple[int, int]]:
     """(margin, core shape, read shape) of the slide's tiles: the job's own rule."""
     from segpc.config import Config
     from segpc.models.bundle import read_bundle_meta
     from segpc.wsi.tiles import slide_grid, tile_margin
 
     config = Config.from_dict(read_bundle_meta(bundle)["config"])
-    first = slide_grid((10 ** 5, 10 ** 5), config, field_shape)[0]
+    first = slide_grid((10 ** 5, 10 ** 5), config, field_shape, fields_per_tile)[0]
     y0, x0, y1, x1 = first.core
     return tile_margin(config, field_shape), (y1 - y0, x1 - x0), first.shape
 
@@ -195,6 +200,10 @@ def analysed(output: Path) -> dict:
             "glass_rows": int((kind == "glass").sum()), "errors": int((t.status != "ok").sum())}
 
 
+def slide_run(mp: float, k: float, ks: list[float]) -> str:
+    return f"slide {mp:g} MP" + (f", tiles of {k:g} fields" if len(ks) > 1 else "")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", default="/tmp/after-tiny/bundle", help="a trained bundle (local folder)")
@@ -205,6 +214,8 @@ def main() -> int:
     p.add_argument("--field-shape", default="480x640",
                    help="HxW of the fields (and of the bundle's copy's field shape, if it records none)")
     p.add_argument("--glass", type=float, default=0.1, help="share of the grid left bare glass")
+    p.add_argument("--tile-fields", type=float, nargs="+", default=[TILE_FIELDS],
+                   help="the job's --tile-fields: the slide runs once per value, against one fields run")
     p.add_argument("--sample-every", type=float, default=0.5, help="seconds between memory samples")
     p.add_argument("--keep", default=None,
                    help="a new work folder to keep (slides, fields, outputs, job logs; default: a temporary one, removed)")
@@ -230,10 +241,12 @@ def main() -> int:
               f"{time.time() - t0:.0f}s", flush=True)
 
     runs = {}
-    for name, input_dir in [(f"{what} {mp:g} MP", work / f"{what}-{mp:g}")
-                            for mp in (small, large) for what in ("fields", "slide")]:
-        out = work / f"out-{name.replace(' ', '-')}"
-        r = run_job(input_dir, out, bundle, work / f"{out.name}.log", args.sample_every)
+    jobs = [(f"fields {mp:g} MP", work / f"fields-{mp:g}", ()) for mp in (small, large)]
+    jobs += [(slide_run(mp, k, args.tile_fields), work / f"slide-{mp:g}", ("--tile-fields", f"{k:g}"))
+             for k in args.tile_fields for mp in (small, large)]
+    for name, input_dir, extra in jobs:
+        out = work / f"out-{name.replace(' ', '-').replace(',', '')}"
+        r = run_job(input_dir, out, bundle, work / f"{out.name}.log", args.sample_every, extra)
         r["analysed"] = analysed(out)
         runs[name] = r
         a, m = r["analysed"], r["peak_mib"]
@@ -242,11 +255,11 @@ def main() -> int:
               f"peak PSS {m['total']:.0f} MiB (driver {m['driver']:.0f}, largest other {m['worker']:.0f})",
               flush=True)
 
-    f, s = runs[f"fields {small:g} MP"], runs[f"slide {small:g} MP"]
-    f_big, big = runs[f"fields {large:g} MP"], runs[f"slide {large:g} MP"]
-
     def rate(r: dict, key: str) -> float:
         return r["analysed"]["megapixels"] / r[key]
+
+    def marginal(a: dict, b: dict, what: str) -> float:  # the large run's extra work over its extra time
+        return (b["analysed"][what] - a["analysed"][what]) / (b["pipeline_s"] - a["pipeline_s"])
 
     print("\n| run | analysed MP | images | cells | MP/s pipeline | MP/s end to end | images/s pipeline "
           "| peak PSS sum | driver | largest other |")
@@ -256,32 +269,33 @@ def main() -> int:
         print(f"| {name} | {a['megapixels']:.1f} | {a['images']} | {a['cells']} | {rate(r, 'pipeline_s'):.2f} | "
               f"{rate(r, 'process_s'):.2f} | {a['images'] / r['pipeline_s']:.2f} | {m['total']:.0f} MiB | "
               f"{m['driver']:.0f} MiB | {m['worker']:.0f} MiB |")
-    ratio = {k: rate(s, k) / rate(f, k) for k in ("pipeline_s", "process_s")}
-    per_image = (s["analysed"]["images"] / s["pipeline_s"]) / (f["analysed"]["images"] / f["pipeline_s"])
-
-    def marginal(a: dict, b: dict, what: str) -> float:  # the large run's extra work over its extra time
-        return (b["analysed"][what] - a["analysed"][what]) / (b["pipeline_s"] - a["pipeline_s"])
-
-    steady = {"fields_mp_s": marginal(f, f_big, "megapixels"), "slide_mp_s": marginal(s, big, "megapixels"),
-              "fields_images_s": marginal(f, f_big, "images"), "tiles_s": marginal(s, big, "images")}
-    steady["ratio"] = steady["slide_mp_s"] / steady["fields_mp_s"]
-    growth = {k: big["peak_mib"][k] / s["peak_mib"][k] for k in ("total", "driver", "worker")}
-    margin, core, read = tile_geometry(bundle, field_shape)
-    read_px = s["analysed"]["images"] * read[0] * read[1] / 1e6
-    print(f"\nthroughput slide / fields (target >= 0.9x): {ratio['pipeline_s']:.2f}x pipeline, "
-          f"{ratio['process_s']:.2f}x end to end; the slide's tiles read {read_px:.1f} MP for "
-          f"{s['analysed']['megapixels']:.1f} MP of cores ({read_px / s['analysed']['megapixels']:.2f}x: a "
-          f"{margin} px margin around {core[0]}x{core[1]} cores in {read[0]}x{read[1]} reads); "
-          f"per image (a tile against a field of one size): {per_image:.2f}x")
-    print(f"steady state (the {large:g}-MP run's extra pixels over its extra pipeline time, start-up "
-          f"cancelled): fields {steady['fields_mp_s']:.2f} MP/s ({steady['fields_images_s']:.1f} images/s), slide "
-          f"{steady['slide_mp_s']:.2f} MP/s ({steady['tiles_s']:.1f} tiles/s): {steady['ratio']:.2f}x")
-    print(f"peak memory {large:g} MP / {small:g} MP (target <= 1.3x): sum {growth['total']:.2f}x, "
-          f"driver {growth['driver']:.2f}x, largest other process {growth['worker']:.2f}x")
-    print(json.dumps({"slides": slides, "runs": runs, "throughput_ratio": ratio, "per_image_ratio": per_image,
-                      "steady_state": steady,
-                      "memory_ratio": growth, "margin": margin, "core": core, "read": read,
-                      "tile_read_megapixels": read_px, "work": str(work)}, default=str))
+    f, f_big = runs[f"fields {small:g} MP"], runs[f"fields {large:g} MP"]
+    fields_steady = {"mp_s": marginal(f, f_big, "megapixels"), "images_s": marginal(f, f_big, "images")}
+    print(f"\nfields, steady state (the {large:g}-MP run's extra pixels over its extra pipeline time, start-up "
+          f"cancelled): {fields_steady['mp_s']:.2f} MP/s ({fields_steady['images_s']:.1f} images/s)")
+    results = {}
+    for k in args.tile_fields:
+        s, big = runs[slide_run(small, k, args.tile_fields)], runs[slide_run(large, k, args.tile_fields)]
+        ratio = {key: rate(s, key) / rate(f, key) for key in ("pipeline_s", "process_s")}
+        per_image = (s["analysed"]["images"] / s["pipeline_s"]) / (f["analysed"]["images"] / f["pipeline_s"])
+        steady = {"slide_mp_s": marginal(s, big, "megapixels"), "tiles_s": marginal(s, big, "images")}
+        steady["ratio"] = steady["slide_mp_s"] / fields_steady["mp_s"]
+        growth = {key: big["peak_mib"][key] / s["peak_mib"][key] for key in ("total", "driver", "worker")}
+        margin, core, read = tile_geometry(bundle, field_shape, k)
+        read_px = s["analysed"]["images"] * read[0] * read[1] / 1e6
+        print(f"\n--tile-fields {k:g}: throughput slide / fields (target >= 0.9x): {ratio['pipeline_s']:.2f}x "
+              f"pipeline, {ratio['process_s']:.2f}x end to end; steady state {steady['slide_mp_s']:.2f} MP/s "
+              f"({steady['tiles_s']:.1f} tiles/s): {steady['ratio']:.2f}x. The tiles read {read_px:.1f} MP for "
+              f"{s['analysed']['megapixels']:.1f} MP of cores ({read_px / s['analysed']['megapixels']:.2f}x: a "
+              f"{margin} px margin around {core[0]}x{core[1]} cores in {read[0]}x{read[1]} reads); per image "
+              f"(a tile against a field): {per_image:.2f}x")
+        print(f"  peak memory {large:g} MP / {small:g} MP (target <= 1.3x): sum {growth['total']:.2f}x, "
+              f"driver {growth['driver']:.2f}x, largest other process {growth['worker']:.2f}x")
+        results[f"{k:g}"] = {"throughput_ratio": ratio, "per_image_ratio": per_image, "steady_state": steady,
+                             "memory_ratio": growth, "margin": margin, "core": core, "read": read,
+                             "tile_read_megapixels": read_px}
+    print(json.dumps({"slides": slides, "runs": runs, "fields_steady_state": fields_steady,
+                      "tile_fields": results, "work": str(work)}, default=str))
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 0

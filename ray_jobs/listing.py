@@ -109,7 +109,7 @@ def split_slides(items: list) -> tuple[list, list]:
 
 def slide_rows(uri: str, image_id: str, done: list, config: dict | None = None,
                field_shape: tuple[int, int] | None = None, target_mpp: float | None = None,
-               mpp: float | None = None) -> dict:
+               mpp: float | None = None, fields_per_tile: float | None = None) -> dict:
     """Task: a whole slide's own row and its tiles' rows, minus those already done; a slide
     that cannot be opened or tiled gives its own row only, as an error."""
     from segpc.config import Config
@@ -119,7 +119,8 @@ def slide_rows(uri: str, image_id: str, done: list, config: dict | None = None,
 
     sid = slide_id(uri)
     try:
-        head, tiles = slide_tiles(uri, Config.from_dict(config), field_shape, target_mpp, mpp)
+        head, tiles = slide_tiles(uri, Config.from_dict(config), field_shape, target_mpp, mpp,
+                                  **({"fields_per_tile": fields_per_tile} if fields_per_tile else {}))
     except (InputError, OSError) as exc:  # StorageUnavailable is neither: it stops the job
         head, tiles = slide_error(uri, exc), []
     items = [InputImage(uri, image_id, sid)] + [InputImage(uri, tile_id(image_id, t.row, t.col), sid) for t in tiles]

@@ -2,12 +2,12 @@
 
     python -m ray_jobs.segment --input URI --output URI --bundle BUNDLE_URI
         [--segpc-masks] [--overlays] [--geojson] [--mpp UM] [--ome-zarr [--ome-zarr-image]]
-        [--keep-all] [--tta]
+        [--keep-all] [--tta] [--tile-fields N]
         [--resume [--retry-errors]] [--manifest CSV]
 
 --input is a prefix of image files (any depth; the first folder is the slide) and of
-whole-slide files (one slide per file: slide_id = file name; cut into tiles of the bundle's
-training field size at its pixel size, ids <slide>__tile-<row>-<col>), or of Parquet shards
+whole-slide files (one slide per file: slide_id = file name; read at the bundle's pixel size
+in tiles of about --tile-fields training fields a side, ids <slide>__tile-<row>-<col>), or of Parquet shards
 with the image bytes in a column (--image-column) beside image_id and, optionally, slide_id.
 image_id is the path below --input without suffix ("/" -> "__"): files added later never
 change the ids of images already done.
@@ -37,6 +37,7 @@ from segpc.errors import InputError, exit_status
 from segpc.io.run_record import (NOTED_KEYS, RESULT_KEYS, RUN_FILE, differences, read_run_record, run_record,
                                  write_run_record)
 from segpc.io.storage import StorageUnavailable
+from segpc.wsi.tiles import TILE_FIELDS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,6 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="pixel size in micrometres per pixel: areas in um^2 too (GeoJSON measurements, "
                         "run.json, the report), the OME-Zarr pixel size; for whole slides whose file does not record it, their "
                         "full resolution's pixel size")
+    p.add_argument("--tile-fields", type=_positive, default=TILE_FIELDS,
+                   help="whole slides: a tile's read box is about this many of the bundle's training fields "
+                        f"on a side (default {TILE_FIELDS:g}); the U-Net sees it at a field's scale. Larger "
+                        "tiles read their margin (read twice, by neighbours) less often, and use more memory each")
     p.add_argument("--ome-zarr", action="store_true",
                    help="masks.zarr/<id> as an OME-Zarr (NGFF 0.5) image group that napari and Fiji open: "
                         "labels/nuclei and labels/cells, a pyramid; about 16 objects per camera image "
@@ -151,7 +156,8 @@ def build_pipeline(args: argparse.Namespace, plan: Plan, config, done_ref=None, 
     from segpc.models.bundle import bundle_imaging
 
     target_mpp, field_shape = bundle_imaging(meta or {})
-    slides = {"config": cfg, "field_shape": field_shape, "target_mpp": target_mpp, "mpp": args.mpp}
+    slides = {"config": cfg, "field_shape": field_shape, "target_mpp": target_mpp, "mpp": args.mpp,
+              "fields_per_tile": args.tile_fields}
     read_batch = plan.batch_size if plan.fuse else READ_BATCH
     # Listing merges its rows into large blocks, and an actor takes a whole block: without
     # this a slide's tiles (one task's rows) would all go to one actor (streaming, no shuffle)
@@ -251,7 +257,7 @@ def run(args: argparse.Namespace) -> dict:
     config = Config.from_dict(meta["config"])
     record = run_record(args.bundle, meta, args.rule, args.input, args.manifest, args.image_column,
                         args.max_pixels, args.segpc_masks, args.overlays, args.geojson, args.mpp, args.tta,
-                        args.ome_zarr, args.ome_zarr_image)
+                        args.ome_zarr, args.ome_zarr_image, args.tile_fields)
     done_ref, n_done = None, 0
     if args.resume:
         check_resumable(args.output, record)

@@ -4,7 +4,8 @@ Written under the output prefix before any image is processed. ``--resume`` comp
 record of the run being resumed with its own and refuses when anything that changes the
 results differs (the bundle's content, the rule, the inputs, the options of decoding, the
 pixel size ``--mpp`` of the µm² measurements, test-time flips ``--tta``, the layout of
-``masks.zarr`` ``--ome-zarr``: one output never mixes two), naming each difference; other differences
+``masks.zarr`` ``--ome-zarr``, the tile size of whole slides ``--tile-fields``, whose grid
+the tile ids name: one output never mixes two), naming each difference; other differences
 (the code version, which extra files are written, the image in the OME-Zarr groups) are
 reported and the run goes on.
 """
@@ -19,17 +20,18 @@ from pathlib import Path
 
 from segpc import __version__
 from segpc.io.storage import filesystem, join, with_retries
+from segpc.wsi.tiles import TILE_FIELDS
 
 RUN_FILE = "run.json"
 # a difference in these refuses --resume: the outputs would mix two methods or two inputs
 RESULT_KEYS = ("bundle_sha256", "rule", "input", "manifest", "image_column", "max_pixels", "mpp", "tta",
-               "ome_zarr")
+               "ome_zarr", "tile_fields")
 # a difference in these is reported only
 NOTED_KEYS = ("segpc_version", "code_commit", "bundle", "segpc_masks", "overlays", "geojson",
               "ome_zarr_image")
 # what a record written before its key existed meant: runs without test-time flips, with the
-# compact masks.zarr layout
-ABSENT = {"tta": False, "ome_zarr": False, "ome_zarr_image": False}
+# compact masks.zarr layout, whole slides (if any) in tiles of the default size
+ABSENT = {"tta": False, "ome_zarr": False, "ome_zarr_image": False, "tile_fields": TILE_FIELDS}
 
 
 def bundle_checksum(meta: dict) -> str:
@@ -51,12 +53,12 @@ def code_commit() -> str | None:
 def run_record(bundle: str, bundle_meta: dict, rule: str, input: str, manifest: str | None,
                image_column: str, max_pixels: int | None, segpc_masks: bool, overlays: bool,
                geojson: bool = False, mpp: float | None = None, tta: bool = False,
-               ome_zarr: bool = False, ome_zarr_image: bool = False) -> dict:
+               ome_zarr: bool = False, ome_zarr_image: bool = False, tile_fields: float = TILE_FIELDS) -> dict:
     return {"bundle": bundle, "bundle_sha256": bundle_checksum(bundle_meta), "rule": rule,
             "input": input.rstrip("/"), "manifest": manifest, "image_column": image_column,
             "max_pixels": max_pixels, "segpc_masks": segpc_masks, "overlays": overlays,
             "geojson": geojson, "mpp": mpp, "tta": tta, "ome_zarr": ome_zarr or ome_zarr_image,
-            "ome_zarr_image": ome_zarr_image,
+            "ome_zarr_image": ome_zarr_image, "tile_fields": tile_fields,
             "segpc_version": __version__, "code_commit": code_commit(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 

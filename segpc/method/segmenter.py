@@ -24,7 +24,8 @@ def nucleus_net(bundle, device: str | None = None, batch_size: int = 16, amp: bo
     ``tta``: averaged over test-time flips (see :class:`segpc.models.runner.NetworkRunner`)."""
     from segpc.models.runner import NetworkRunner
 
-    return NetworkRunner(bundle.nucleus, device, batch_size, amp, tta)
+    size = bundle.config.nucleus.input_size
+    return NetworkRunner(bundle.nucleus, device, batch_size, amp, tta, pixels_per_pass=batch_size * size * size)
 
 
 def cell_net(bundle, device: str | None = None, batch_size: int = 16, amp: bool | None = None,
@@ -32,7 +33,8 @@ def cell_net(bundle, device: str | None = None, batch_size: int = 16, amp: bool 
     """The bundle's loaded cytoplasm networks as one :data:`CellNet` (``tta`` as in :func:`nucleus_net`)."""
     from segpc.models.runner import NetworkRunner
 
-    runners = {s: NetworkRunner(m, device, batch_size, amp, tta) for s, m in bundle.cytoplasm.items()}
+    runners = {s: NetworkRunner(m, device, batch_size, amp, tta, channels_last=False)
+               for s, m in bundle.cytoplasm.items()}
     return lambda scale, crops: runners[scale](gather_inputs(crops))
 
 
