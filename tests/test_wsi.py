@@ -20,7 +20,7 @@ from segpc.wsi.driver import segment_slide, segment_tile, segment_tiles
 from segpc.wsi.resolution import SlideView, choose_level
 from segpc.wsi.slide import is_whole_slide, open_slide, slide_id
 from segpc.wsi.synthetic import mosaic, write_pyramidal_tiff
-from segpc.wsi.tiles import CORE_ALIGN, core_shape, slide_grid, tile_grid, tile_margin
+from segpc.wsi.tiles import CORE_ALIGN, core_shape, input_alignment, slide_grid, tile_grid, tile_margin
 from segpc.wsi.tissue import stained, tile_fractions, tissue_fraction
 
 FIELD = (240, 320)  # (H, W) of the synthetic fields the bundles are taken to be trained on
@@ -46,25 +46,22 @@ def test_choose_level_takes_the_coarsest_level_not_coarser_than_the_target(slide
 
 # ---------------------------------------------------------------- tile grid
 
-@pytest.mark.parametrize("width, height, core, margin", [
-    (1040, 520, (140, 220), 50), (300, 200, 64, 20), (100, 90, 200, 30), (257, 129, (16, 32), 40)])
-def test_cores_partition_the_slide_and_read_boxes_hold_their_margin(width, height, core, margin):
-    tiles = tile_grid(width, height, core, margin)
+@pytest.mark.parametrize("width, height, core, margin, align", [
+    (1040, 520, (140, 220), 50, 1), (300, 200, 64, 20, 2), (100, 90, 200, 30, 1), (257, 129, (16, 32), 40, 51)])
+def test_cores_partition_the_slide_and_read_boxes_hold_their_margin(width, height, core, margin, align):
+    tiles = tile_grid(width, height, core, margin, align)
     cover = np.zeros((height, width), np.int32)
-    ch, cw = (core, core) if isinstance(core, int) else core
-    shapes = set()
     for t in tiles:
         y0, x0, y1, x1 = t.core
         cover[y0:y1, x0:x1] += 1
         ry0, rx0, ry1, rx1 = t.read
         assert 0 <= ry0 and 0 <= rx0 and ry1 <= height and rx1 <= width
-        # the read box holds the core and `margin` more wherever the slide goes on
+        # the read box holds the core and `margin` more wherever the slide goes on, no more
+        # than needed at its end, and starts on the resize grid
         assert ry0 <= max(y0 - margin, 0) and rx0 <= max(x0 - margin, 0)
-        assert ry1 >= min(y1 + margin, height) and rx1 >= min(x1 + margin, width)
-        shapes.add(t.shape)
+        assert ry1 == min(y1 + margin, height) and rx1 == min(x1 + margin, width)
+        assert ry0 % align == 0 and rx0 % align == 0 and max(y0 - margin, 0) - ry0 < align
     assert (cover == 1).all()
-    # one read shape for all tiles (the U-Net sees every tile at one scale)
-    assert shapes == {(min(ch + 2 * margin, height), min(cw + 2 * margin, width))}
 
 
 def test_margin_keeps_the_largest_crop_of_an_owned_nucleus_strictly_inside_the_read_box():
@@ -131,7 +128,11 @@ def test_slide_grid_reads_boxes_of_several_fields_with_aligned_cores():
     cfg = preset("tiny")
     margin = tile_margin(cfg, FIELD)
     tiles = slide_grid((2000, 3000), cfg, FIELD)  # two fields a side: cores (380, 540) cut to 64s
-    assert tiles[0].core == (0, 0, 320, 512) and tiles[0].shape == (320 + 2 * margin, 512 + 2 * margin)
+    assert tiles[0].core == (0, 0, 320, 512) and tiles[0].shape == (320 + margin, 512 + margin)
+    inner = next(t for t in tiles if t.row == 1 and t.col == 1)  # starts 64 * k - 50: moved to an even px
+    assert inner.read[:2] == (320 - margin, 512 - margin) and inner.shape == (320 + 2 * margin, 512 + 2 * margin)
+    assert input_alignment(cfg, FIELD) == 1 and input_alignment(cfg, (480, 640)) == 2
+    assert input_alignment(preset("paper"), (1536, 2040)) == 51 and input_alignment(preset("paper"), (1920, 2560)) == 16
     assert all(t.core[0] % CORE_ALIGN == 0 and t.core[1] % CORE_ALIGN == 0 for t in tiles)
     assert slide_grid((2000, 3000), cfg, FIELD, fields_per_tile=1)[0].core == (0, 0, 128, 192)
 
@@ -360,7 +361,7 @@ def test_job_rows_of_a_slide_and_their_results_are_the_slide_drivers(slide_file,
     seg = Segmenter(preset("tiny"), colour_nuclei, colour_cells)
     head, tiles = slide_tiles(str(path), seg.config, FIELD)
     assert (head.kind, head.tiles, head.skipped, len(tiles)) == (SLIDE, 6, 1, 5)  # 2 x 3, a glass sliver
-    assert {t.tile.shape for t in tiles} == {(420, 612)} and all(t.field == FIELD for t in tiles)
+    assert tiles[0].tile.shape == (370, 562) and all(t.field == FIELD for t in tiles)  # core + margin, clipped
     assert head.mpp == pytest.approx(0.5) and head.shape == (520, 1040)
     assert all(SlideTile.from_json(t.to_json()) == t for t in [head, *tiles])
     assert tile_id("S07", 1, 2) == "S07__tile-1-2"

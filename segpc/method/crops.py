@@ -125,8 +125,10 @@ def fit_at_factor(image: np.ndarray, factor: float, multiple: int = 32,
     ``multiple`` (what a U-Net's strides need): a whole-slide tile larger than the training
     fields, seen at the scale a field is (:func:`fit_to_input` would shrink it further)."""
     h, w = image.shape[:2]
-    ih, iw = (h, w) if factor == 1.0 else (max(1, half_up(h * factor)), max(1, half_up(w * factor)))
-    inner = image if (ih, iw) == (h, w) else cv2.resize(image, (iw, ih), interpolation=interpolation)
+    # by the factor itself, not by an output size (whose rounding would change the scale a
+    # little with the image's size): tiles that start on one grid are resampled on it
+    inner = image if factor == 1.0 else cv2.resize(image, None, fx=factor, fy=factor, interpolation=interpolation)
+    ih, iw = inner.shape[:2]
     ph, pw = -(-ih // multiple) * multiple, -(-iw // multiple) * multiple
     out = np.zeros((ph, pw) + image.shape[2:], image.dtype)
     out[:ih, :iw] = inner.reshape((ih, iw) + image.shape[2:])

@@ -80,9 +80,11 @@ def prepare(image: np.ndarray, config: Config, name: str = "image",
 def run_nucleus(states: list[ImageState], net: NucleusNet) -> None:
     """Network only: the U-Net over the batch's prepared inputs, one call per input shape
     (fields' squares; whole-slide tiles' larger inputs)."""
-    todo = [s for s in states if s.nucleus_input is not None]
-    for shape in dict.fromkeys(s.nucleus_input.shape for s in todo):
-        group = [s for s in todo if s.nucleus_input.shape == shape]
+    groups: dict[tuple, list[ImageState]] = {}
+    for s in states:
+        if s.nucleus_input is not None:
+            groups.setdefault(s.nucleus_input.shape, []).append(s)
+    for group in groups.values():
         for s, p in zip(group, net(np.stack([s.nucleus_input for s in group]))):
             f = s.fit
             s.nucleus_prob = p[f.top:f.top + f.inner_h, f.left:f.left + f.inner_w].astype(np.float16)

@@ -2,12 +2,13 @@
 
 Pure geometry. A tile's *core* is its share of the slide: the cores of a grid cover every
 pixel exactly once. Its *read box* is the core grown by ``margin`` on each side (the part
-the networks see). Every read box has the same shape, ``core + 2 * margin`` per axis, shifted
-inwards at the slide's edges rather than clipped, so that a batch of tiles is one input
-shape. The U-Net sees a tile resized by the factor that fits a training field into its input
-(:func:`segpc.method.steps.prepare`), so a tile may be larger than a field: :func:`slide_grid`
-makes read boxes about :data:`TILE_FIELDS` fields on a side, so that the margin, read twice,
-is a small share of what is read. Only a slide smaller than a tile gives smaller read boxes.
+the networks see), clipped to the slide, its start moved back to a multiple of ``align``.
+The U-Net sees a tile resized by the factor ``a/b`` that fits a training field into its
+input (:func:`segpc.method.steps.prepare`); with read boxes starting on multiples of ``b``
+(:func:`input_alignment`), every tile's resized pixels are the same samples of the slide,
+so two tiles that see a nucleus give the U-Net the same pixels around it. A tile may be
+larger than a field: :func:`slide_grid` makes read boxes about :data:`TILE_FIELDS` fields on
+a side, so that the margin, read twice, is a small share of what is read.
 
 Ownership: a cell belongs to the tile whose core holds its nucleus centre, the floor of its
 nucleus pixels' centroid in integers (:meth:`segpc.method.nucleus.Nuclei.centres`). Cores
@@ -30,10 +31,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 from segpc.config import Config
 from segpc.errors import InputError
-from segpc.method.crops import Box, half_up
+from segpc.method.crops import Box, half_up, plan_fit
 
 NUCLEUS_LIMIT = 2.0  # longest nucleus the margin guarantees, in expected nucleus diameters
 TILE_FIELDS = 2  # a tile's read box: about this many training fields on each side
@@ -72,31 +74,30 @@ def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def _spans(length: int, core: int, margin: int) -> list[tuple[int, int, int, int]]:
+def _spans(length: int, core: int, margin: int, align: int) -> list[tuple[int, int, int, int]]:
     """Per axis: (core start, core end, read start, read end)."""
-    size = core + 2 * margin
     out = []
     for c0 in range(0, length, core):
         c1 = min(c0 + core, length)
-        r0 = min(max(c0 - margin, 0), max(length - size, 0))
-        out.append((c0, c1, r0, min(r0 + size, length)))
+        out.append((c0, c1, max(c0 - margin, 0) // align * align, min(c1 + margin, length)))
     return out
 
 
-def tile_grid(width: int, height: int, core: int | tuple[int, int], margin: int) -> list[Tile]:
+def tile_grid(width: int, height: int, core: int | tuple[int, int], margin: int, align: int = 1) -> list[Tile]:
     """Tiles of a ``width`` x ``height`` slide, row by row; ``core`` = (height, width) or a side.
 
     Cores are ``core``-sized from the top-left (the last row and column smaller); each read
-    box holds its core and at least ``margin`` pixels around it wherever the slide goes on.
+    box holds its core and at least ``margin`` pixels around it wherever the slide goes on,
+    and starts on a multiple of ``align``.
     """
     ch, cw = _pair(core)
     if width < 1 or height < 1:
         raise InputError(f"tile_grid: empty slide {width}x{height}")
-    if ch < 1 or cw < 1 or margin < 0:
-        raise InputError(f"tile_grid: core {core} must be >= 1 and margin {margin} >= 0")
+    if ch < 1 or cw < 1 or margin < 0 or align < 1:
+        raise InputError(f"tile_grid: core {core} and align {align} must be >= 1 and margin {margin} >= 0")
     tiles = []
-    for r, (cy0, cy1, ry0, ry1) in enumerate(_spans(height, ch, margin)):
-        for c, (cx0, cx1, rx0, rx1) in enumerate(_spans(width, cw, margin)):
+    for r, (cy0, cy1, ry0, ry1) in enumerate(_spans(height, ch, margin, align)):
+        for c, (cx0, cx1, rx0, rx1) in enumerate(_spans(width, cw, margin, align)):
             tiles.append(Tile(r, c, (cy0, cx0, cy1, cx1), (ry0, rx0, ry1, rx1)))
     return tiles
 
@@ -118,7 +119,16 @@ def slide_grid(shape: tuple[int, int], config: Config, field_shape: tuple[int, i
     margin = tile_margin(config, field_shape)
     size = (round(fields_per_tile * field_shape[0]), round(fields_per_tile * field_shape[1]))
     core = tuple(c // CORE_ALIGN * CORE_ALIGN if c >= CORE_ALIGN else c for c in core_shape(size, margin))
-    return tile_grid(shape[1], shape[0], core, margin)
+    return tile_grid(shape[1], shape[0], core, margin, input_alignment(config, field_shape))
+
+
+def input_alignment(config: Config, field_shape: tuple[int, int]) -> int:
+    """``b`` of the U-Net's resize factor ``a/b`` for ``field_shape`` fields (2 for 1/2,
+    51 for 800/2040): read boxes starting on multiples of it are resized on one grid. 1 when
+    the factor is 1 or no fraction with ``b <= 256`` is exact."""
+    factor = plan_fit(*field_shape, config.nucleus.input_size).factor
+    frac = Fraction(factor).limit_denominator(256)
+    return frac.denominator if abs(float(frac) - factor) < 1e-12 else 1
 
 
 def core_shape(tile_shape: tuple[int, int], margin: int) -> tuple[int, int]:
