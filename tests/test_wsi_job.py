@@ -99,7 +99,8 @@ def test_whole_slides_through_the_job_and_resume_per_tile(ray_local, s3_bucket, 
     check_slide_pyramid(out, "S07", want_n, want_c)
     # one GeoJSON per slide: one Feature per cells/ row, outlines in level-0 pixels in its box
     check_slide_geojson(fs, f"{base}/out/geojson/S07.geojson", mine)
-    assert fs.ls(f"{base}/out/geojson") and not fs.exists(f"{base}/out/geojson/_parts/S07")
+    fs.invalidate_cache()
+    assert not [p for p in fs.find(f"{base}/out/geojson/_parts") if p.endswith(".jsonl")]  # merged, deleted
 
     # slides.parquet: the grid, the analysed area (the cores of the tiles analysed) and density
     with fs.open(f"{base}/out/slides.parquet", "rb") as f:
@@ -111,6 +112,18 @@ def test_whole_slides_through_the_job_and_resume_per_tile(ray_local, s3_bucket, 
     assert s07.plasma_cells_per_mm2 == pytest.approx(len(ref.cells) / area)
     assert s07.analysed_fraction == pytest.approx(ref.analysed_fraction)
     assert slides.loc["nompp"].images_error == 1 and pd.isna(slides.loc["S01"].tiles)
+
+    # the report: the slide's grid columns, and its best tile first in the gallery (its core
+    # read from the slide, the slide's label pyramid drawn on it)
+    from segpc.evaluation.report import build_report
+
+    build_report(out, gallery_size=3)
+    page = fs.cat_file(f"{base}/out/report/index.html").decode()
+    assert "<th>tiles analysed / tiles</th>" in page and "<td>2 / 3</td>" in page
+    assert f"<td>{100 * s07.analysed_fraction:.1f}%</td>" in page
+    best = min(tile_rows.index, key=lambda i: (-tile_rows.n_cells[i], i))
+    assert page.index(f"gallery/{best}.png") < page.index("gallery/S01__")
+    assert fs.exists(f"{base}/out/report/gallery/{best}.png")
 
     # resume: a tile whose images/ part is gone (its cells/ part left behind) is redone, alone,
     # here by the GPU clusters' graph (read task, network actors, writers)
