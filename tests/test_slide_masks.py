@@ -14,9 +14,22 @@ import pytest
 from test_ome_zarr import nodes
 
 from segpc.io.outputs import read_label_masks, write_masks_group
-from segpc.io.slide_masks import (LABEL_DTYPE, SlideMasks, finish_slide_masks, read_slide_meta, tile_objects,
-                                  write_slide_metadata, write_tile_masks)
-from segpc.wsi.pyramid import chunk_boxes, chunk_index, finish_regions, pyramid, tile_region
+from segpc.io.slide_masks import (
+    LABEL_DTYPE,
+    SlideMasks,
+    finish_slide_masks,
+    read_slide_meta,
+    tile_objects,
+    write_slide_metadata,
+    write_tile_masks,
+)
+from segpc.wsi.pyramid import (
+    chunk_boxes,
+    chunk_index,
+    finish_regions,
+    pyramid,
+    tile_region,
+)
 from segpc.wsi.tiles import tile_grid
 
 GRIDS = [((1300, 2200), (256, 512)),  # aligned cores: every level by the tiles

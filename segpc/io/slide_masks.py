@@ -64,13 +64,13 @@ class SlideMasks:
                 "to_level0_meaning": "scan level-0 pixels per level-0 pixel of these labels"}
 
     @classmethod
-    def from_attributes(cls, image_id: str, attrs: dict) -> "SlideMasks":
+    def from_attributes(cls, image_id: str, attrs: dict) -> SlideMasks:
         keys = ("shape", "grid_core", "mpp", "to_level0", "label_stride", "uri", "level", "factor")
         d = {k: attrs[k] for k in keys}
         return cls(image_id, **{**d, "shape": tuple(d["shape"]), "grid_core": tuple(d["grid_core"])})
 
     @classmethod
-    def of(cls, image_id: str, tile) -> "SlideMasks":
+    def of(cls, image_id: str, tile) -> SlideMasks:
         """From a :class:`segpc.wsi.job.SlideTile` (a slide row or any of its tile rows)."""
         return cls(image_id, tuple(tile.shape), tuple(tile.grid_core), tile.mpp, tile.to_level0,
                    tile.label_stride, tile.uri, tile.level, tile.factor)
@@ -202,7 +202,8 @@ def finish_slide_masks(output: str, m: SlideMasks) -> int:
                 opened[key] = zarr.open_array(store=store, path=f"{m.image_id}/labels/{name}/{lv.k - 1}",
                                               mode="r", zarr_format=3)
             arr = opened[key]
-            block = with_retries(f"reading {m.image_id} level {lv.k - 1}", lambda: arr[2 * y0:2 * y1, 2 * x0:2 * x1])
+            block = with_retries(f"reading {m.image_id} level {lv.k - 1}", arr.__getitem__,
+                                 (slice(2 * y0, 2 * y1), slice(2 * x0, 2 * x1)))
             src.append(block[::2, ::2])
         _put_all(output, m.image_id, region_objects(m, lv, (y0, x0, y1, x1), *src))
         n += 1
