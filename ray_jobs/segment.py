@@ -249,6 +249,7 @@ def run(args: argparse.Namespace) -> dict:
     from ray_jobs.listing import id_hashes
     from segpc.config import Config
     from segpc.io.outputs import done_images, forget_errors, has_results, remove_orphan_cells
+    from segpc.io.slide_finish import finish_slides
     from segpc.io.slides import write_slides_table
     from segpc.models.bundle import read_bundle_meta
 
@@ -298,6 +299,7 @@ def run(args: argparse.Namespace) -> dict:
     if seen % args.progress_every:
         _progress(seen, t_start, counts)
     counts["pipeline_s"] = time.time() - t_start
+    finish_slides(args.output, args.geojson)  # each slide's coarse mask levels and GeoJSON
     slides, twice = write_slides_table(args.output)
     if twice:
         print(f"[segment] warning: {len(twice)} image id(s) occur more than once in images/ (two inputs "

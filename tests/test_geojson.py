@@ -155,3 +155,32 @@ def test_written_through_the_output_writer(tmp_path):
     assert (out / "geojson" / "S01__a.geojson").read_bytes() == before
     write_geojson(str(tmp_path / "alone" / "a.geojson"), result.cells, "S01__a", mpp=0.5)
     assert (tmp_path / "alone" / "a.geojson").read_bytes() == before
+
+
+def test_slide_geojson_parts_merge_in_level0_pixels_and_a_redone_tile_replaces_its_own(tmp_path):
+    from segpc.io.slide_geojson import merge_slide_geojson, part_path, slide_path, tile_part
+
+    out = str(tmp_path / "out")
+    sq = np.ones((4, 6), bool)
+
+    def put(tile: str, ids: list[int], origin=(100, 200)) -> None:
+        cells = [_cell(i, (2 * k, 3, 2 * k + 4, 9), sq, sq) for k, i in enumerate(ids)]
+        path = tmp_path / "out" / part_path("S07", tile)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(tile_part(ImageResult((64, 64), cells), tile, "S07", origin, 2.0, 0.25))
+
+    put("S07__tile-0-0", [1, 2])
+    put("S07__tile-0-1", [100000001])
+    assert merge_slide_geojson(out, "S07") == 3
+    doc = json.loads((tmp_path / "out" / slide_path("S07")).read_text())
+    first = next(f for f in doc["features"] if f["properties"]["measurements"]["cell_id"] == 1)
+    # the cell's box (0, 3, 4, 9) in its core at (100, 200), level 0 at twice the pixels
+    assert shape(first["geometry"]).bounds == (406.0, 200.0, 418.0, 208.0)
+    assert first["id"] == feature_id("S07", 1) and first["properties"]["tile"] == "S07__tile-0-0"
+    assert not list((tmp_path / "out" / "geojson" / "_parts" / "S07").iterdir())
+    assert merge_slide_geojson(out, "S07") is None  # nothing new
+    # a resumed run redid tile 0-0 (now one cell): its old features go, tile 0-1's stay
+    put("S07__tile-0-0", [1])
+    assert merge_slide_geojson(out, "S07") == 2
+    doc = json.loads((tmp_path / "out" / slide_path("S07")).read_text())
+    assert sorted(f["properties"]["measurements"]["cell_id"] for f in doc["features"]) == [1, 100000001]

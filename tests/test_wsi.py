@@ -371,11 +371,14 @@ def test_job_rows_of_a_slide_and_their_results_are_the_slide_drivers(slide_file,
                                 regions=[t.tile.core_box_in_read for t in tiles])
     for t, res in zip(tiles, results):
         kept = tile_result(res, t)
-        assert kept.shape == t.core_shape and [c.cell_id for c in kept.cells] == list(range(1, len(kept.cells) + 1))
+        # ids unique in the slide: tile index (row-major, 3 columns) * stride + 1..n
+        assert (t.grid_cols, t.label_stride) == (3, 10 ** 8)
+        base = (t.row * 3 + t.col) * 10 ** 8
+        assert kept.shape == t.core_shape and [c.cell_id for c in kept.cells] == list(range(base + 1, base + len(kept.cells) + 1))
         nuclei, cells = kept.label_maps()  # the core only; cells reaching past it are cut
         assert nuclei.shape == t.core_shape and set(np.unique(nuclei)) - {0} <= {c.cell_id for c in kept.cells}
         p = placement(t)
-        assert p == Placement("tile", t.mpp, t.core[:2], 1.0, core_area_px=t.core_area)
+        assert p == Placement("tile", t.mpp, t.core[:2], 1.0, core_area_px=t.core_area, tile=t)
         got += [(level0_box(c.box, p.origin, p.to_level0), c.nucleus.tobytes(), c.cell.tobytes()) for c in kept.cells]
     want = [(c.box, c.nucleus.tobytes(), c.cell.tobytes()) for c in ref.cells]
     assert len(got) == len(want) > 20 and sorted(got) == sorted(want)

@@ -4,11 +4,14 @@ folder of field images, real local Ray.
 The job's cells of a slide are the single-process slide driver's (same count, same boxes in
 slide pixels, same masks, none twice at a seam); slides.parquet has the grid, the analysed
 area and the density; a slide without a pixel size is an error row naming the flag; a
-resumed run redoes only the tile whose row is missing.
+resumed run redoes only the tile whose row is missing, and leaves the same label pyramid and
+GeoJSON. The slide's label masks are one NGFF pyramid (level 0 = the driver's cells, each cut at
+its owner's core), its GeoJSON one file in level-0 pixels.
 """
 
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -16,7 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_jobs.segment import main as segment_main
-from segpc.io.outputs import read_label_masks, read_table, unpack_mask
+from segpc.io.ngff import level_count
+from segpc.io.outputs import read_label_masks, read_table, unpack_mask, zarr_store
+from segpc.method.results import ImageResult
 from segpc.io.storage import filesystem
 from segpc.method.segmenter import Segmenter
 from segpc.wsi.driver import segment_slide
@@ -48,7 +53,7 @@ def test_whole_slides_through_the_job_and_resume_per_tile(ray_local, s3_bucket, 
     for p in fields:
         fs.pipe_file(f"{base}/in/S01/{p.name}", p.read_bytes())
     out = f"{s3_bucket}/out"
-    args = ["--input", f"{s3_bucket}/in", "--output", out, "--bundle", str(b), "--batch-size", "1"]
+    args = ["--input", f"{s3_bucket}/in", "--output", out, "--bundle", str(b), "--batch-size", "1", "--geojson"]
     assert segment_main(args) == 0
 
     images = read_table(out, "images").to_pandas().set_index("image_id")
@@ -79,12 +84,23 @@ def test_whole_slides_through_the_job_and_resume_per_tile(ray_local, s3_bucket, 
         assert row.cell_area_um2 == pytest.approx(row.cell_area * 0.25)
     assert not cells.duplicated(["image_id", "cell_id"]).any()
     assert cells[cells.slide_id == "S01"].slide_y0.isna().all()
-    # a tile's label masks are its core, with its own cells' pixels in it
-    t = max(tiles, key=lambda t: (mine.image_id == tile_id("S07", t.row, t.col)).sum())
-    tid = tile_id("S07", t.row, t.col)
-    nuclei, _ = read_label_masks(out, tid)
-    assert nuclei.shape == t.core_shape
-    assert set(np.unique(nuclei)) - {0} <= set(mine[mine.image_id == tid].cell_id) != set()
+    # cell ids are unique in the slide (tile index * stride + n) and are the label pyramid's
+    # values: level 0 is the driver's cells painted by their owner tiles, each cut at its core
+    assert mine.cell_id.is_unique and (mine.cell_id // head.label_stride).isin([t.row * head.grid_cols + t.col
+                                                                                for t in tiles]).all()
+    want_n, want_c = np.zeros(ref.shape, np.uint32), np.zeros(ref.shape, np.uint32)
+    for t in tiles:
+        rows = mine[mine.image_id == tile_id("S07", t.row, t.col)]
+        y0, x0 = t.core[:2]
+        own = [replace(by_box[(r.slide_y0, r.slide_x0, r.slide_y1, r.slide_x1)], cell_id=r.cell_id,
+                       box=(r.y0, r.x0, r.y1, r.x1)) for r in rows.itertuples()]
+        n, c = ImageResult(t.core_shape, own, 0).label_maps(np.uint32)
+        want_n[y0:t.core[2], x0:t.core[3]], want_c[y0:t.core[2], x0:t.core[3]] = n, c
+    check_slide_pyramid(out, "S07", want_n, want_c)
+    # one GeoJSON per slide: one Feature per cells/ row, outlines in level-0 pixels in its box
+    check_slide_geojson(fs, f"{base}/out/geojson/S07.geojson", mine)
+    fs.invalidate_cache()
+    assert not [p for p in fs.find(f"{base}/out/geojson/_parts") if p.endswith(".jsonl")]  # merged, deleted
 
     # slides.parquet: the grid, the analysed area (the cores of the tiles analysed) and density
     with fs.open(f"{base}/out/slides.parquet", "rb") as f:
@@ -97,9 +113,22 @@ def test_whole_slides_through_the_job_and_resume_per_tile(ray_local, s3_bucket, 
     assert s07.analysed_fraction == pytest.approx(ref.analysed_fraction)
     assert slides.loc["nompp"].images_error == 1 and pd.isna(slides.loc["S01"].tiles)
 
+    # the report: the slide's grid columns, and its best tile first in the gallery (its core
+    # read from the slide, the slide's label pyramid drawn on it)
+    from segpc.evaluation.report import build_report
+
+    build_report(out, gallery_size=3)
+    page = fs.cat_file(f"{base}/out/report/index.html").decode()
+    assert "<th>tiles analysed / tiles</th>" in page and "<td>2 / 3</td>" in page
+    assert f"<td>{100 * s07.analysed_fraction:.1f}%</td>" in page
+    best = min(tile_rows.index, key=lambda i: (-tile_rows.n_cells[i], i))
+    assert page.index(f"gallery/{best}.png") < page.index("gallery/S01__")
+    assert fs.exists(f"{base}/out/report/gallery/{best}.png")
+
     # resume: a tile whose images/ part is gone (its cells/ part left behind) is redone, alone,
     # here by the GPU clusters' graph (read task, network actors, writers)
     parts = {p: pq.read_table(fs.open(p, "rb")).column("image_id").to_pylist() for p in fs.ls(f"{base}/out/images")}
+    tid = tile_id("S07", tiles[0].row, tiles[0].col)
     lost = next(p for p, ids in parts.items() if ids == [tid])
     fs.rm(lost)
     capsys.readouterr()
@@ -111,3 +140,39 @@ def test_whole_slides_through_the_job_and_resume_per_tile(ray_local, s3_bucket, 
     cells_again = read_table(out, "cells").to_pandas()
     key = ["image_id", "cell_id"]
     assert cells_again.sort_values(key).reset_index(drop=True).equals(cells.sort_values(key).reset_index(drop=True))
+    check_slide_pyramid(out, "S07", want_n, want_c)  # the redone tile rewrote the same chunks
+    check_slide_geojson(fs, f"{base}/out/geojson/S07.geojson", mine)  # its features once
+
+
+def check_slide_pyramid(out: str, slide: str, nuclei: np.ndarray, cells: np.ndarray) -> None:
+    """masks.zarr/<slide>: NGFF labels (ome-zarr-py's Reader, ome-zarr-models), level 0 =
+    the given maps, level k = level 0[::2**k, ::2**k]."""
+    import zarr
+    from ome_zarr_models.v05.image_label import ImageLabel
+    from test_ome_zarr import nodes
+
+    assert nuclei.any()
+    got = read_label_masks(out, slide)
+    assert np.array_equal(got[0], nuclei) and np.array_equal(got[1], cells)
+    found = nodes(f"{out}/masks.zarr/{slide}/labels")
+    for name, labels in (("nuclei", nuclei), ("cells", cells)):
+        node = found[f"{slide}/labels/{name}"]
+        assert len(node.data) == level_count(labels.shape) >= 2
+        for k, level in enumerate(node.data):
+            assert np.array_equal(np.asarray(level), labels[::2 ** k, ::2 ** k]), (name, k)
+        ImageLabel.from_zarr(zarr.open_group(store=zarr_store(out), path=f"{slide}/labels/{name}", mode="r"))
+
+
+def check_slide_geojson(fs, path: str, cells: pd.DataFrame) -> None:
+    from shapely.geometry import shape
+
+    with fs.open(path, "rb") as f:
+        features = json.load(f)["features"]
+    assert sorted(f["properties"]["measurements"]["cell_id"] for f in features) == sorted(cells.cell_id)
+    rows = cells.set_index("cell_id")
+    for f in features:
+        r = rows.loc[f["properties"]["measurements"]["cell_id"]]
+        assert f["properties"]["tile"] == r.image_id and f["properties"]["objectType"] == "cell"
+        x0, y0, x1, y1 = shape(f["geometry"]).bounds
+        assert r.slide_x0 <= x0 < x1 <= r.slide_x1 and r.slide_y0 <= y0 < y1 <= r.slide_y1
+        assert shape(f["nucleusGeometry"]).within(shape(f["geometry"]).buffer(1e-6))

@@ -5,7 +5,10 @@ per-slide plasma-cell counts, cells per image, cell and nucleus areas (in µm² 
 run knew the pixel size, ``--mpp``), the images that failed and why, a per-image table that
 sorts on a header click (at most MAX_IMAGE_ROWS rows: the page stays small for an archive
 of a million images), and a gallery of QC overlays (outlines and cell ids drawn on the
-images), the images with the most cells first. It needs no server and loads nothing from
+images), the images with the most cells first. Whole slides: the per-slide table adds the
+tiles analysed of the grid, the analysed share and area and plasma cells per mm²; the
+gallery shows tiles (their cores, read from the slide with the slide's label pyramid on
+them): each slide's tile with the most cells, then the most cells overall. It needs no server and loads nothing from
 elsewhere: open ``report/index.html`` from the output folder (or a copy of it).
 """
 
@@ -53,7 +56,7 @@ def load(output: str) -> ReportData:
     except FileNotFoundError:
         raise InputError(f"{output}: not a batch-job output (no slides.parquet)") from None
     images = read_table(output, "images", ["image_id", "slide_id", "source_uri", "status", "error",
-                                           "n_cells", "n_nuclei"]).to_pandas()
+                                           "n_cells", "n_nuclei", "kind"]).to_pandas()
     # the area histogram needs a sample, not every cell of the archive
     cells = read_table(output, "cells", ["image_id", "slide_id", "cell_id", "cell_area", "nucleus_area",
                                          "ratio", "scale"], max_parts=CELL_SAMPLE_PARTS).to_pandas()
@@ -100,18 +103,47 @@ def figures(data: ReportData) -> dict[str, bytes]:
 
 
 def gallery_rows(data: ReportData, limit: int = 12) -> pd.DataFrame:
-    """The gallery's images, in its order: the most cells first (then by id)."""
-    ok = data.images[data.images.status == "ok"]
-    return ok.sort_values(["n_cells", "image_id"], ascending=[False, True]).head(limit)
+    """The gallery's images, in its order: each whole slide's tile with the most cells, then
+    the most cells first (then by id). A slide's own row and glass tiles have no picture."""
+    kind = data.images["kind"] if "kind" in data.images else pd.Series(None, index=data.images.index)
+    ok = data.images[(data.images.status == "ok") & ~kind.isin(["slide", "glass"])]
+    ranked = ok.sort_values(["n_cells", "image_id"], ascending=[False, True])
+    tiles = ranked[kind.loc[ranked.index] == "tile"]
+    best = tiles.drop_duplicates("slide_id").index
+    order = list(best) + [i for i in ranked.index if i not in set(best)]
+    return ranked.loc[order].head(limit)
+
+
+def _tile_picture(output: str, image_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A tile's core from its slide (the view the tiles were cut from) and the slide's label
+    pyramid there: the tile's grid position is in its id, the grid in the pyramid's metadata."""
+    from segpc.io.slide_masks import read_slide_meta
+    from segpc.wsi.job import slide_of
+    from segpc.wsi.resolution import SlideView
+    from segpc.wsi.slide import open_slide
+
+    slide = slide_of(image_id)
+    m = read_slide_meta(output, slide)
+    if m is None:
+        raise InputError(f"masks.zarr/{slide} holds no slide label pyramid")
+    row, col = (int(v) for v in image_id.rsplit("__tile-", 1)[1].split("-"))
+    (gh, gw), (h, w) = m.grid_core, m.shape
+    core = (row * gh, col * gw, min((row + 1) * gh, h), min((col + 1) * gw, w))
+    with open_slide(m.uri) as s:
+        image = SlideView(s, m.level, m.factor, m.mpp).read(core)
+    return (image, *read_label_masks(output, slide, box=core))
 
 
 def gallery(output: str, data: ReportData, limit: int = 12) -> dict[str, bytes]:
-    """QC overlays for up to ``limit`` images, most cells first (the dict's order): image +
-    label masks."""
+    """QC overlays for up to ``limit`` images in :func:`gallery_rows`' order (the dict's):
+    image + label masks."""
     out = {}
     for row in gallery_rows(data, limit).itertuples():
-        image = decode_image(read_bytes(row.source_uri), row.source_uri)
-        nuclei, cells = read_label_masks(output, row.image_id)
+        if getattr(row, "kind", None) == "tile":
+            image, nuclei, cells = _tile_picture(output, row.image_id)
+        else:
+            image = decode_image(read_bytes(row.source_uri), row.source_uri)
+            nuclei, cells = read_label_masks(output, row.image_id)
         out[f"{row.image_id}.png"] = encode_png(draw_overlay(image, nuclei, cells))
     return out
 
@@ -122,14 +154,17 @@ def render(data: ReportData, gallery_names: list[str]) -> str:
     e = html.escape
     ok = data.images.status == "ok"
     um2 = data.mpp ** 2 if data.mpp else None
+    wsi = "tiles" in data.slides and bool(data.slides["tiles"].notna().any())  # whole slides in the run
     slides_rows = "".join(
         f"<tr><td>{e(str(r.slide_id))}</td><td>{r.images}</td><td>{r.images_ok}</td>"
         f"<td>{r.images_error}</td><td class=n>{r.plasma_cells}</td>"
         f"<td>{_fmt(r.mean_cells_per_image)}</td><td>{_fmt(r.mean_cell_area, 0)}</td>"
         f"<td>{_fmt(r.mean_nucleus_area, 0)}</td>"
         + (f"<td>{_fmt(_times(r.mean_cell_area, um2), 1)}</td><td>{_fmt(_times(r.mean_nucleus_area, um2), 1)}</td>"
-           if um2 else "") + "</tr>" for r in data.slides.itertuples())
+           if um2 else "") + (_slide_cells(r) if wsi else "") + "</tr>" for r in data.slides.itertuples())
     um2_heads = "<th>mean cell area (µm²)</th><th>mean nucleus area (µm²)</th>" if um2 else ""
+    wsi_heads = ("<th>tiles analysed / tiles</th><th>analysed share</th><th>analysed (mm²)</th>"
+                 "<th>plasma cells per mm²</th>" if wsi else "")
     pixel_size = (f"<p>Pixel size {data.mpp:g} µm (run.json <code>mpp</code>): areas in µm² too.</p>"
                   if um2 else "")
     errors = data.images[~ok]
@@ -142,6 +177,8 @@ def render(data: ReportData, gallery_names: list[str]) -> str:
     tiles = "".join(f'<figure><img src="gallery/{e(n)}" alt="{e(n)}" {_ONERROR}>'
                     f'<figcaption>{e(n[:-4])}</figcaption></figure>' for n in gallery_names)
     image_block = _image_table(data.images)
+    wsi_note = ("; for whole slides, each slide's tile with the most cells comes first (a tile's core, "
+                "cells cut at its edge)" if wsi else "")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Plasma-cell report</title>
 <style>
@@ -158,14 +195,14 @@ figure{{margin:0}} figure img{{width:100%;border:1px solid #ccc}} figcaption{{fo
 <span>Plasma cells: <b id="n-cells">{int(data.slides.plasma_cells.sum())}</b></span></p>
 <h2>Per slide</h2>
 {pixel_size}<table id="slides"><tr><th>slide</th><th>images</th><th>ok</th><th>failed</th><th>plasma cells</th>
-<th>cells per image</th><th>mean cell area (px)</th><th>mean nucleus area (px)</th>{um2_heads}</tr>{slides_rows}</table>
+<th>cells per image</th><th>mean cell area (px)</th><th>mean nucleus area (px)</th>{um2_heads}{wsi_heads}</tr>{slides_rows}</table>
 <div class="charts"><img src="counts.png" alt="plasma cells per slide" {_ONERROR}>
 <img src="cells_per_image.png" alt="cells per image" {_ONERROR}>
 <img src="areas.png" alt="cell and nucleus areas" {_ONERROR}></div>
 <h2>Images that could not be processed</h2>{error_block}
 <h2>Per image</h2>{image_block}
 <h2>Quality control</h2><p>Cell outlines in cyan, nuclei in yellow, numbered as <code>cell_id</code>
-in <code>cells/</code> and <code>masks.zarr</code>; the images with the most cells first.</p>
+in <code>cells/</code> and <code>masks.zarr</code>; the images with the most cells first{wsi_note}.</p>
 <div class="gallery">{tiles}</div>
 <script>{_SORT_JS}</script>
 </body></html>
@@ -215,6 +252,15 @@ def _image_table(images: pd.DataFrame) -> str:
             "<th>image</th><th class=l>slide</th><th>cells</th><th>nuclei</th><th class=l>status</th><th class=l>error</th>"
             "</tr></thead>"
             f"<tbody>{rows}</tbody></table>{more}")
+
+
+def _slide_cells(r) -> str:
+    """A whole slide's grid columns (empty cells for a folder of fields)."""
+    if pd.isna(r.tiles):
+        return "<td></td>" * 4
+    share = "" if pd.isna(r.analysed_fraction) else f"{100 * r.analysed_fraction:.1f}%"
+    return (f"<td>{int(r.tiles_analysed)} / {int(r.tiles)}</td><td>{share}</td>"
+            f"<td>{_fmt(r.analysed_mm2, 3)}</td><td>{_fmt(r.plasma_cells_per_mm2, 1)}</td>")
 
 
 def _times(x, factor: float):

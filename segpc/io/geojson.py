@@ -109,15 +109,23 @@ def cell_measurements(cell: Cell, mpp: float | None = None) -> dict:
     return out
 
 
-def cell_feature(cell: Cell, image_id: str, mpp: float | None = None) -> dict | None:
-    """One QuPath cell Feature, or None when the cell's mask is empty."""
-    y0, x0 = cell.box[0], cell.box[1]
-    outline = mask_geometry(cell.cell | cell.nucleus, (y0, x0))  # the nucleus lies in its cell
-    if outline is None:
+def cell_feature(cell: Cell, image_id: str, mpp: float | None = None, origin: tuple[int, int] = (0, 0),
+                 scale: float = 1.0) -> dict | None:
+    """One QuPath cell Feature, or None when the cell's mask is empty. ``origin``: where the
+    image's (0, 0) lies in the picture the coordinates refer to, ``scale``: that picture's
+    pixels per image pixel (a slide tile's core in the scan's level 0)."""
+    y0, x0 = cell.box[0] + origin[0], cell.box[1] + origin[1]
+
+    def outline(mask):
+        geom = mask_geometry(mask, (y0, x0))
+        return geom if geom is None or scale == 1.0 else shapely.transform(geom, lambda xy: xy * scale)
+
+    shape = outline(cell.cell | cell.nucleus)  # the nucleus lies in its cell
+    if shape is None:
         return None
     feature = {"type": "Feature", "id": feature_id(image_id, cell.cell_id),
-               "geometry": _geojson_geometry(outline)}
-    nucleus = mask_geometry(cell.nucleus, (y0, x0))
+               "geometry": _geojson_geometry(shape)}
+    nucleus = outline(cell.nucleus)
     if nucleus is not None:
         feature["nucleusGeometry"] = _geojson_geometry(nucleus)
     feature["properties"] = {"objectType": "cell", "classification": dict(CLASSIFICATION),

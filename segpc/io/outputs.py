@@ -84,6 +84,7 @@ class Placement:
     core_area_px: int | None = None
     tiles: int | None = None
     tiles_skipped: int | None = None
+    tile: object | None = None  # the row's segpc.wsi.job.SlideTile
 
 
 @dataclass
@@ -122,6 +123,7 @@ class OutputWriter:
         self.fs, self.root = filesystem(self.output)
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="segpc-write")
         self.group_written = False
+        self.slides_created: set[str] = set()  # slides whose pyramid metadata this writer PUT
 
     def write(self, records: list[ImageRecord]) -> list[dict]:
         if not records:
@@ -129,6 +131,9 @@ class OutputWriter:
         if not self.group_written:  # once per writer, not per image
             write_masks_group(self.output, self.ome_zarr)
             self.group_written = True
+        for r in records:  # a slide's own row creates its label pyramid (tiles may come first)
+            if r.placement is not None and r.placement.kind == "slide" and r.status == "ok":
+                self._slide_masks(r.input.image_id, r.placement.tile)
         part = part_name([r.input.image_id for r in records])
         cells = [row for r in records if r.result is not None for row in _cell_rows(r, self.mpp)]
         self._parquet(f"cells/{part}", pa.Table.from_pylist(cells, schema=CELLS_SCHEMA))
@@ -143,20 +148,43 @@ class OutputWriter:
         pq.write_table(table, buf)
         _put(self.fs, join(self.root, name), buf.getvalue())
 
+    def _slide_masks(self, slide_image_id: str, tile):
+        """The slide's :class:`segpc.io.slide_masks.SlideMasks`, its metadata PUT once per
+        writer (the same bytes from any writer: racing tiles are harmless)."""
+        from segpc.io.slide_masks import SlideMasks, write_slide_metadata
+
+        m = SlideMasks.of(slide_image_id, tile)
+        if slide_image_id not in self.slides_created:
+            write_slide_metadata(self.output, m)
+            self.slides_created.add(slide_image_id)
+        return m
+
+    def _tile_files(self, r: ImageRecord) -> None:
+        """A tile's share of its slide's outputs: its core's chunks of the slide's label
+        pyramid, and its cells as a part of the slide's GeoJSON (merged after the job)."""
+        from segpc.io.slide_masks import LABEL_DTYPE, write_tile_masks
+        from segpc.wsi.job import slide_of
+
+        tile, slide = r.placement.tile, slide_of(r.input.image_id)
+        nuclei, cells = r.result.label_maps(LABEL_DTYPE)
+        write_tile_masks(self.output, self._slide_masks(slide, tile), tile.core, nuclei, cells)
+        if self.geojson:
+            from segpc.io.slide_geojson import part_path, tile_part
+
+            _put(self.fs, join(self.root, part_path(slide, r.input.image_id)),
+                 tile_part(r.result, r.input.image_id, slide, tile.core[:2], tile.to_level0, tile.mpp))
+
     def _per_image_files(self, r: ImageRecord) -> None:
+        if r.placement is not None:  # a tile of a whole slide (slide rows have no result)
+            return self._tile_files(r)
         nuclei, cells = r.result.label_maps(np.uint16 if len(r.result.cells) < 65535 else np.int32)
-        tile = r.placement is not None
         if self.ome_zarr:  # each PUT retried
             from segpc.io.ngff import write_ngff_masks
 
-            # a tile's arrays are its core, smaller than the image it was segmented in
             write_ngff_masks(self.output, r.input.image_id, nuclei, cells,
-                             r.image if self.ome_zarr_image and not tile else None,
-                             r.placement.mpp if tile else self.mpp)
+                             r.image if self.ome_zarr_image else None, self.mpp)
         else:
             write_label_masks(self.output, r.input.image_id, nuclei, cells)
-        if tile:  # a tile: its core's masks only (overlays, SegPC masks and
-            return  # GeoJSON are per field image; slides get theirs per slide, later)
         if self.overlays and r.image is not None:
             _put(self.fs, join(self.root, "overlays", f"{r.input.image_id}.png"),
                  encode_png(draw_overlay(r.image, nuclei, cells)))
@@ -340,19 +368,24 @@ def write_masks_group(output: str, ome_zarr: bool = False) -> None:
     _put(fs, join(root, "masks.zarr", "zarr.json"), _group_metadata(ome_zarr))
 
 
-def read_label_masks(output: str, image_id: str) -> tuple[np.ndarray, np.ndarray]:
-    """(nuclei, cells) label maps of one image, in either layout: the node at
-    ``masks.zarr/<image_id>`` is an array (:func:`write_label_masks`) or an OME-Zarr group
-    (:func:`segpc.io.ngff.write_ngff_masks`, its full-resolution labels)."""
+def read_label_masks(output: str, image_id: str, box: tuple[int, int, int, int] | None = None,
+                     level: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(nuclei, cells) label maps of one image, or of ``box`` of it (y0, x0, y1, x1), in any
+    layout: the node at ``masks.zarr/<image_id>`` is an array (:func:`write_label_masks`) or
+    an OME-Zarr group (:func:`segpc.io.ngff.write_ngff_masks`; a whole slide's pyramid,
+    :mod:`segpc.io.slide_masks`), read at ``level`` (0: full resolution; groups only)."""
     import zarr
 
     def read() -> tuple[np.ndarray, np.ndarray]:
         node = zarr.open(store=zarr_store(output), path=image_id, mode="r", zarr_format=3)
         if isinstance(node, zarr.Group):
-            from segpc.io.ngff import read_ngff_masks
+            from segpc.io.slide_masks import read_slide_masks
 
-            return read_ngff_masks(node)
-        data = node[...]
+            return read_slide_masks(node, box, level)
+        if level:
+            raise ValueError(f"masks.zarr/{image_id} is one array: it has no level {level}")
+        sel = (slice(None),) * 2 if box is None else (slice(box[0], box[2]), slice(box[1], box[3]))
+        data = node[(slice(None), *sel)]
         return data[0], data[1]
 
     return with_retries(f"reading masks.zarr/{image_id}", read)

@@ -12,9 +12,12 @@ row needs to read its pixels travels with it as :class:`SlideTile` JSON (``tile`
 
 A tile's image is its read box, seen by the U-Net at the scale of a training field; its
 *result* is its core: the cells of the nuclei it owns (nucleus centre in the core,
-:mod:`segpc.wsi.tiles`; the others are dropped after stage 1), numbered 1..n, in the core's
-coordinates (a cell may reach past the core by up to the margin), so the per-tile label
-masks cover the core only and no slide pixel is written twice.
+:mod:`segpc.wsi.tiles`; the others are dropped after stage 1), in the core's coordinates (a
+cell may reach past the core by up to the margin). Cell ids are unique in the slide
+(:func:`label_stride`): they are the values of the slide's one label pyramid, which each
+tile writes for its core only (:mod:`segpc.wsi.pyramid`, :mod:`segpc.io.slide_masks`), so
+no slide pixel is written twice and a cell reaching past its owner's core is cut there in
+the masks (whole in ``cells/`` and the GeoJSON).
 """
 
 from __future__ import annotations
@@ -60,6 +63,9 @@ class SlideTile:
     test_tissue: bool = False  # tile rows: no small level, test the core's own pixels when read
     error: str = ""  # slide rows: why the slide could not be tiled
     error_kind: str = ""  # "image" (the file or the flags) or "storage" (it could not be read)
+    grid_core: tuple[int, int] | None = None  # the grid's core shape (the last row/column smaller)
+    grid_cols: int = 0  # columns of the grid
+    label_stride: int = 0  # slide-wide cell ids: tile index * label_stride + 1.. (:func:`label_stride`)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -67,7 +73,8 @@ class SlideTile:
     @classmethod
     def from_json(cls, text: str) -> "SlideTile":
         d = json.loads(text)
-        for k in ("shape", "core", "read", "field"):
+        for k in ("shape", "core", "read", "field", "grid_core"):
+            d.setdefault(k, None)
             d[k] = tuple(d[k]) if d[k] is not None else None
         return cls(**d)
 
@@ -84,6 +91,20 @@ class SlideTile:
     def core_area(self) -> int:
         h, w = self.core_shape
         return h * w
+
+    @property
+    def label_base(self) -> int:
+        """Tile rows: its cells' ids are ``label_base + 1 ..``; the tile index is row-major."""
+        return (self.row * self.grid_cols + self.col) * self.label_stride
+
+
+def label_stride(tiles: int) -> int:
+    """Cell ids of a slide's tiles are ``tile index * stride + n`` (n = 1, 2, ... in the
+    tile): unique within the slide, readable (``tile 3, cell 7`` of a 10-tile slide is
+    300000007) and below 2**31 (``cells/`` ``cell_id`` is int32, the masks uint32). The
+    stride is the largest power of ten that keeps ``tiles * stride <= 2**31 - 1``: a tile
+    may hold ``stride - 1`` cells, at least 10**4 for a grid of 200,000 tiles."""
+    return 10 ** int(math.floor(math.log10((2 ** 31 - 1) // max(tiles, 1))))
 
 
 def slide_error(uri: str, exc: Exception) -> SlideTile:
@@ -115,8 +136,10 @@ def slide_tiles(uri: str, config: Config, field_shape: tuple[int, int] | None,
         view = SlideView.at(slide, target_mpp, mpp)
         tiles = slide_grid(view.shape, config, field_shape, fields_per_tile)
         fractions = tile_fractions(view, tiles, min_saturation)
+    c = tiles[0].core  # cores are laid from (0, 0) with one shape: the first is a full one
     base = dict(uri=uri, level=view.level, factor=view.factor, mpp=view.mpp, to_level0=view.to_level0,
-                shape=view.shape)
+                shape=view.shape, grid_core=(c[2] - c[0], c[3] - c[1]), grid_cols=1 + max(t.col for t in tiles),
+                label_stride=label_stride(len(tiles)))
     keep = tiles if fractions is None else [t for t, f in zip(tiles, fractions) if f >= min_fraction]
     row = SlideTile(SLIDE, tiles=len(tiles), skipped=len(tiles) - len(keep), **base)
     return row, [SlideTile(TILE, row=t.row, col=t.col, core=t.core, read=t.read, field=tuple(field_shape),
@@ -154,10 +177,13 @@ def is_glass(image: np.ndarray, tile: SlideTile, min_fraction: float = MIN_FRACT
 
 def tile_result(result: ImageResult, tile: SlideTile) -> ImageResult:
     """The tile's share of the slide: the cells of its read box's image (the nuclei it owns
-    only, :func:`segpc.method.steps.prepare`'s ``region``), numbered 1..n in the order found,
-    with boxes in the core's coordinates; the result's shape is the core's."""
+    only, :func:`segpc.method.steps.prepare`'s ``region``), numbered ``label_base + 1..n``
+    in the order found (unique in the slide: the value in its label pyramid), with boxes in
+    the core's coordinates; the result's shape is the core's."""
+    if tile.label_stride and len(result.cells) >= tile.label_stride:
+        raise ValueError(f"{len(result.cells)} cells in one tile: more than the slide's ids allow")
     y0, x0 = tile.tile.core_box_in_read[:2]
-    cells = [replace(c, cell_id=i + 1, box=(c.box[0] - y0, c.box[1] - x0, c.box[2] - y0, c.box[3] - x0))
+    cells = [replace(c, cell_id=tile.label_base + i + 1, box=(c.box[0] - y0, c.box[1] - x0, c.box[2] - y0, c.box[3] - x0))
              for i, c in enumerate(result.cells)]
     return ImageResult(tile.core_shape, cells, result.n_nuclei, dict(result.inferences))
 
@@ -168,8 +194,14 @@ def placement(tile: SlideTile):
 
     if tile.kind == SLIDE:
         return Placement(SLIDE, tile.mpp, tiles=tile.tiles if not tile.error else None,
-                         tiles_skipped=tile.skipped if not tile.error else None)
-    return Placement(tile.kind, tile.mpp, tuple(tile.core[:2]), tile.to_level0, core_area_px=tile.core_area)
+                         tiles_skipped=tile.skipped if not tile.error else None, tile=tile)
+    return Placement(tile.kind, tile.mpp, tuple(tile.core[:2]), tile.to_level0, core_area_px=tile.core_area,
+                     tile=tile)
+
+
+def slide_of(tile_image_id: str) -> str:
+    """The slide row's image id of a tile row's (inverse of :func:`tile_id`)."""
+    return tile_image_id.rsplit("__tile-", 1)[0]
 
 
 def level0_box(box: Box, origin: tuple[int, int], to_level0: float) -> Box:
