@@ -151,8 +151,3 @@ def write_ngff_masks(output: str, image_id: str, nuclei: np.ndarray, cells: np.n
     fs, root = filesystem(output)
     for key, data in encode_ngff_masks(nuclei, cells, image, mpp, image_id).items():
         _put(fs, join(root, "masks.zarr", image_id, key), data)
-
-
-def read_ngff_masks(group) -> tuple[np.ndarray, np.ndarray]:
-    """(nuclei, cells) at full resolution from an image's NGFF group (a ``zarr.Group``)."""
-    return group[f"labels/{LABEL_NAMES[0]}/0"][...], group[f"labels/{LABEL_NAMES[1]}/0"][...]
