@@ -1,7 +1,7 @@
 """The real-data reproduction in one command: the whole recipe on SegPC-2021, scored.
 
     python benchmarks/segpc2021.py --data URI [--use-gpu] [--num-workers N] [--work DIR]
-        [--bundle BUNDLE] [--preset paper|tiny] [--epochs E] [--nucleus-epochs E]
+        [--bundle BUNDLE] [--preset paper|tiny] [--epochs E] [--nucleus-epochs E] [--scales S ...]
         [--encoder-weights imagenet|FILE] [--nucleus-encoder-weights W] [--cytoplasm-encoder-weights W]
 
 ``--data`` is a SegPC-2021 download (or a lab's own data) in SegPC layout, local or s3://:
@@ -58,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--nucleus-epochs", type=int, default=None)
+    p.add_argument("--scales", type=float, nargs="+", default=None,
+                   help="cytoplasm scales to train (default: all of the preset's; the others keep the "
+                        "weights --work's bundle has, or stay untrained)")
     p.add_argument("--encoder-weights", default=None,
                    help="default: imagenet for the paper preset, random for tiny")
     p.add_argument("--nucleus-encoder-weights", default=None)
@@ -86,6 +89,8 @@ def train(args: argparse.Namespace, bundle: str) -> float:
                  "cytoplasm_encoder_weights"):
         if getattr(args, name) is not None:
             flags += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    if args.scales:
+        flags += ["--scales", *map(str, args.scales)]
     if args.use_gpu:
         flags.append("--use-gpu")
     t0 = time.time()

@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--size", default="640x480", help="image size (WxH, camera1, camera2, mixed)")
     p.add_argument("--epochs", type=int, default=20, help="cytoplasm epochs per scale")
     p.add_argument("--nucleus-epochs", type=int, default=50, help="nucleus U-Net epochs")
+    p.add_argument("--scales", type=float, nargs="+", default=None,
+                   help="cytoplasm scales to train (default: all four; the others stay untrained: a quicker look)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -100,9 +102,10 @@ def run(args: argparse.Namespace, t0: float) -> int:
     bundle = args.bundle or f"{prefix}/bundle"
     if not args.bundle:
         _say(f"training the tiny preset with Ray Train -> {bundle}")
+        scales = ["--scales", *map(str, args.scales)] if args.scales else []
         rc = train_main(["--data", f"{prefix}/training", "--out", bundle, "--preset", "tiny",
                          "--epochs", str(args.epochs), "--nucleus-epochs", str(args.nucleus_epochs),
-                         "--seed", str(args.seed)])
+                         "--seed", str(args.seed), *scales])
         if rc != 0:
             return rc
 

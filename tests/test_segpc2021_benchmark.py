@@ -38,12 +38,18 @@ def test_the_whole_recipe_runs_on_a_stand_in(ray_local, tmp_path, capsys):
     data = tmp_path / "segpc2021"
     write_archive(data / "train", 6, 2, seed=3, size="320x240")
     truth_ids = write_archive(data / "validation", 3, 1, seed=4, size="320x240")
+    # one scale of the four is trained (each costs a TorchTrainer run, ~25 s here; every scale
+    # is the same code, and tests/test_train.py trains 0.5, a small-input scale): the others
+    # stay untrained, and the jobs still run all four
     report = _run(["--data", str(data), "--work", str(tmp_path / "work"), "--preset", "tiny",
-                   "--epochs", "1", "--nucleus-epochs", "4"], capsys)
+                   "--epochs", "1", "--nucleus-epochs", "2", "--scales", "1.75"], capsys)
     _check_scores(report, len(truth_ids), sum(1 for _ in (data / "validation" / "y").iterdir()))
     assert report["train_s"] > 0
     meta = json.loads((tmp_path / "work" / "bundle" / "bundle.json").read_text())
     assert meta["provenance"]["calibration"]["images"] == len(truth_ids)
+    training = meta["provenance"]["training"]
+    assert sorted(training) == ["cytoplasm-s1.75", "nucleus"]
+    assert (training["nucleus"]["epochs"], training["cytoplasm-s1.75"]["epochs"]) == (2, 1)
 
 
 def test_a_bundle_is_scored_against_the_validation_masks(ray_local, archive, bundle, tmp_path, capsys):
