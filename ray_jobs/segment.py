@@ -158,10 +158,7 @@ def build_pipeline(args: argparse.Namespace, plan: Plan, config, done_ref=None, 
     target_mpp, field_shape = bundle_imaging(meta or {})
     slides = {"config": cfg, "field_shape": field_shape, "target_mpp": target_mpp, "mpp": args.mpp,
               "fields_per_tile": args.tile_fields}
-    read_batch = plan.batch_size if plan.fuse else READ_BATCH
-    # Listing merges its rows into large blocks, and an actor takes a whole block: without
-    # this a slide's tiles (one task's rows) would all go to one actor (streaming, no shuffle)
-    ds = input_dataset(args, done_ref, env, slides).repartition(target_num_rows_per_block=read_batch)
+    ds = input_dataset(args, done_ref, env, slides)
     writer = {"output": args.output, "segpc_masks": args.segpc_masks, "overlays": args.overlays,
               "geojson": args.geojson, "mpp": args.mpp, "ome_zarr": args.ome_zarr,
               "ome_zarr_image": args.ome_zarr_image}
@@ -176,7 +173,7 @@ def build_pipeline(args: argparse.Namespace, plan: Plan, config, done_ref=None, 
                               num_cpus=plan.actor_cpus, **common)
     ds = ds.map_batches(read_decode, fn_kwargs={"max_pixels": args.max_pixels, "config": cfg},
                         compute=ray.data.TaskPoolStrategy(size=plan.read_tasks), num_cpus=plan.task_cpus,
-                        **{**common, "batch_size": read_batch})
+                        **{**common, "batch_size": READ_BATCH})
     model = {"bundle_uri": args.bundle, "threads": plan.threads, "rule": rule, "tta": args.tta}
     ds = ds.map_batches(NucleusNet, fn_constructor_kwargs={**model, "batch_size": plan.batch_size},
                         compute=ray.data.ActorPoolStrategy(size=plan.nucleus_actors),
