@@ -175,9 +175,10 @@ def tile_geometry(bundle: str, field_shape: tuple[int, int],
     from segpc.wsi.tiles import slide_grid, tile_margin
 
     config = Config.from_dict(read_bundle_meta(bundle)["config"])
-    first = slide_grid((10 ** 5, 10 ** 5), config, field_shape, fields_per_tile)[0]
-    y0, x0, y1, x1 = first.core
-    return tile_margin(config, field_shape), (y1 - y0, x1 - x0), first.shape
+    inner = next(t for t in slide_grid((10 ** 4, 10 ** 4), config, field_shape, fields_per_tile)
+                 if t.row == 1 and t.col == 1)
+    y0, x0, y1, x1 = inner.core  # a tile inside the slide: its read box not clipped at an edge
+    return tile_margin(config, field_shape), (y1 - y0, x1 - x0), inner.shape
 
 
 def analysed(output: Path) -> dict:

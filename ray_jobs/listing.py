@@ -23,6 +23,7 @@ import numpy as np
 from segpc.errors import InputError
 from segpc.io.imaging import IMAGE_SUFFIXES
 from segpc.wsi.slide import SLIDE_SUFFIXES
+from segpc.wsi.tiles import TILE_FIELDS
 
 
 FOLDERS_PER_TASK = 8
@@ -109,7 +110,7 @@ def split_slides(items: list) -> tuple[list, list]:
 
 def slide_rows(uri: str, image_id: str, done: list, config: dict | None = None,
                field_shape: tuple[int, int] | None = None, target_mpp: float | None = None,
-               mpp: float | None = None, fields_per_tile: float | None = None) -> dict:
+               mpp: float | None = None, fields_per_tile: float = TILE_FIELDS) -> dict:
     """Task: a whole slide's own row and its tiles' rows, minus those already done; a slide
     that cannot be opened or tiled gives its own row only, as an error."""
     from segpc.config import Config
@@ -120,7 +121,7 @@ def slide_rows(uri: str, image_id: str, done: list, config: dict | None = None,
     sid = slide_id(uri)
     try:
         head, tiles = slide_tiles(uri, Config.from_dict(config), field_shape, target_mpp, mpp,
-                                  **({"fields_per_tile": fields_per_tile} if fields_per_tile else {}))
+                                  fields_per_tile=fields_per_tile)
     except (InputError, OSError) as exc:  # StorageUnavailable is neither: it stops the job
         head, tiles = slide_error(uri, exc), []
     items = [InputImage(uri, image_id, sid)] + [InputImage(uri, tile_id(image_id, t.row, t.col), sid) for t in tiles]

@@ -18,7 +18,7 @@ read worth its two objects (each level is its shard and its zarr.json).
 The metadata is built from ome-zarr-models' validated (pydantic) NGFF 0.5 models; the
 arrays are written by zarr itself into a memory store, each level ONE shard of zstd inner
 chunks of at most MAX_INNER_CHUNK px (the compact layout's), then PUT one object at a time
-(:func:`segpc.io.outputs._put`: retried, nothing listed or read). Data first, metadata
+(:func:`segpc.io.outputs.put_object`: retried, nothing listed or read). Data first, metadata
 after, deepest first, the image group's ``zarr.json`` last. ome-zarr-py's own writer is not
 used: it computes pyramids through dask, and the ``labels`` group it writes lacks the
 ``version`` key that NGFF 0.5 (and ome-zarr-models) require.
@@ -145,9 +145,9 @@ def write_ngff_masks(output: str, image_id: str, nuclei: np.ndarray, cells: np.n
                      image: np.ndarray | None = None, mpp: float | None = None) -> None:
     """``masks.zarr/<image_id>`` as an NGFF group: one PUT per object (see the module doc);
     nothing listed, read or deleted. A rewrite of the same image replaces every object."""
-    from segpc.io.outputs import _put
+    from segpc.io.outputs import put_object
     from segpc.io.storage import filesystem, join
 
     fs, root = filesystem(output)
     for key, data in encode_ngff_masks(nuclei, cells, image, mpp, image_id).items():
-        _put(fs, join(root, "masks.zarr", image_id, key), data)
+        put_object(fs, join(root, "masks.zarr", image_id, key), data)

@@ -146,7 +146,7 @@ class OutputWriter:
     def _parquet(self, name: str, table: pa.Table) -> None:
         buf = io.BytesIO()
         pq.write_table(table, buf)
-        _put(self.fs, join(self.root, name), buf.getvalue())
+        put_object(self.fs, join(self.root, name), buf.getvalue())
 
     def _slide_masks(self, slide_image_id: str, tile):
         """The slide's :class:`segpc.io.slide_masks.SlideMasks`, its metadata PUT once per
@@ -171,7 +171,7 @@ class OutputWriter:
         if self.geojson:
             from segpc.io.slide_geojson import part_path, tile_part
 
-            _put(self.fs, join(self.root, part_path(slide, r.input.image_id)),
+            put_object(self.fs, join(self.root, part_path(slide, r.input.image_id)),
                  tile_part(r.result, r.input.image_id, slide, tile.core[:2], tile.to_level0, tile.mpp))
 
     def _per_image_files(self, r: ImageRecord) -> None:
@@ -186,19 +186,19 @@ class OutputWriter:
         else:
             write_label_masks(self.output, r.input.image_id, nuclei, cells)
         if self.overlays and r.image is not None:
-            _put(self.fs, join(self.root, "overlays", f"{r.input.image_id}.png"),
+            put_object(self.fs, join(self.root, "overlays", f"{r.input.image_id}.png"),
                  encode_png(draw_overlay(r.image, nuclei, cells)))
         if self.segpc_masks:
             pattern = join(self.root, "segpc", f"{r.input.image_id}_*.bmp")
             for old in with_retries(f"listing {pattern}", self.fs.glob, pattern):
                 with_retries(f"removing {old}", self.fs.rm, old)
             for inst in r.result.instances():
-                _put(self.fs, join(self.root, "segpc", f"{r.input.image_id}_{inst.k}.bmp"),
+                put_object(self.fs, join(self.root, "segpc", f"{r.input.image_id}_{inst.k}.bmp"),
                      _bmp(inst.to_segpc_mask()))
         if self.geojson:  # QuPath cell objects; an image without cells gets an empty collection
             from segpc.io.geojson import geojson_bytes
 
-            _put(self.fs, join(self.root, "geojson", f"{r.input.image_id}.geojson"),
+            put_object(self.fs, join(self.root, "geojson", f"{r.input.image_id}.geojson"),
                  geojson_bytes(r.result, r.input.image_id, self.mpp))
 
 
@@ -215,7 +215,7 @@ def part_name(image_ids: list[str]) -> str:
     return f"part-{digest}.parquet"
 
 
-def _put(fs, path: str, data: bytes) -> None:
+def put_object(fs, path: str, data: bytes) -> None:
     """Whole-object write, retried: on object storage one PUT (no folder to make: s3fs's
     ``makedirs`` would cost a HEAD and a LIST of the bucket); on local disks via a temp name
     and rename, so readers never see half a file."""
@@ -359,13 +359,13 @@ def write_label_masks(output: str, image_id: str, nuclei: np.ndarray, cells: np.
     fs, root = filesystem(output)
     objects = encode_label_masks(nuclei, cells)
     for key in sorted(objects, key=lambda k: k == "zarr.json"):
-        _put(fs, join(root, "masks.zarr", image_id, key), objects[key])
+        put_object(fs, join(root, "masks.zarr", image_id, key), objects[key])
 
 
 def write_masks_group(output: str, ome_zarr: bool = False) -> None:
     """``masks.zarr/zarr.json`` (one PUT; the same bytes every time for a layout)."""
     fs, root = filesystem(output)
-    _put(fs, join(root, "masks.zarr", "zarr.json"), _group_metadata(ome_zarr))
+    put_object(fs, join(root, "masks.zarr", "zarr.json"), _group_metadata(ome_zarr))
 
 
 def read_label_masks(output: str, image_id: str, box: tuple[int, int, int, int] | None = None,
@@ -434,7 +434,7 @@ def forget_errors(output: str, kinds: tuple[str, ...] = ("storage",)) -> int:
         keep = pc.invert(pc.fill_null(pc.is_in(full.column("error_kind"), pa.array(list(kinds))), False))
         buf = io.BytesIO()
         pq.write_table(full.filter(keep), buf)
-        _put(fs, path, buf.getvalue())
+        put_object(fs, path, buf.getvalue())
     return hit.num_rows
 
 

@@ -148,12 +148,12 @@ def tile_objects(m: SlideMasks, core: Box, nuclei: np.ndarray, cells: np.ndarray
 
 
 def _put_all(output: str, image_id: str, objects: dict[str, bytes]) -> None:
-    from segpc.io.outputs import _put
+    from segpc.io.outputs import put_object
     from segpc.io.storage import filesystem, join
 
     fs, root = filesystem(output)
     for key, data in objects.items():
-        _put(fs, join(root, "masks.zarr", image_id, key), data)
+        put_object(fs, join(root, "masks.zarr", image_id, key), data)
 
 
 def write_slide_metadata(output: str, m: SlideMasks) -> None:

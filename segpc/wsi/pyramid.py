@@ -22,15 +22,10 @@ from dataclasses import dataclass
 
 from segpc.io.ngff import level_count
 from segpc.method.crops import Box
-
-try:  # cores are multiples of this (segpc.wsi.tiles); 64 where an older grid does not say
-    from segpc.wsi.tiles import CORE_ALIGN
-except ImportError:  # pragma: no cover
-    CORE_ALIGN = 64
+from segpc.wsi.tiles import CORE_ALIGN
 
 MIN_CHUNK = CORE_ALIGN  # smallest chunk side a tile-written level may have (k > 0)
 FINISH_CHUNK = 1024  # chunk side of the levels the finishing step writes
-
 
 
 @dataclass(frozen=True)
