@@ -67,8 +67,10 @@ def pyarrow_filesystem(uri: str) -> tuple[pafs.FileSystem | None, str]:
 # and a worker on a node without that profile would fail every storage call
 # (ProfileNotFound) instead of using its node's own credentials.
 WORKER_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
-               # the job's storage retry budget, and the tests' fault hook (ray_jobs/faults.py)
-               "SEGPC_IO_RETRY_S", "SEGPC_FAULT", "SEGPC_FAULT_DIR")
+               # the job's storage retry budget, the size limit of slides copied for OpenSlide
+               # (segpc/wsi/local_copy.py; its cache folder is each node's own setting), and
+               # the tests' fault hook (ray_jobs/faults.py)
+               "SEGPC_IO_RETRY_S", "SEGPC_SLIDE_DOWNLOAD_GB", "SEGPC_FAULT", "SEGPC_FAULT_DIR")
 SECRET_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 

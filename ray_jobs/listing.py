@@ -11,6 +11,9 @@ field images: each is handed to a task of its own (a quarter CPU, like the listi
 that opens the slide's directory, chooses its level, lays the tile grid, runs the tissue
 test on a small level and returns the slide's own row and one row per tile to analyse
 (:func:`segpc.wsi.job.slide_tiles`), their geometry as JSON in ``tile`` ("" for fields).
+A whole slide named in a manifest is handed on the same way (its slide_id the manifest's).
+A whole slide cannot come as bytes in a Parquet shard (it is read by range requests from
+its own file): such a row is an error row (:func:`segpc.wsi.slide.check_not_slide_bytes`).
 """
 
 from __future__ import annotations
@@ -76,6 +79,14 @@ def list_folders(batch: dict, prefix: str, done: list, slides: dict | None = Non
     from segpc.io.inputs import folder_files, input_files, inputs_of
 
     items = [it for folder in batch["folder"] for it in inputs_of(input_files(folder_files(prefix, str(folder))), prefix)]
+    yield from _fields_then_slides(items, done, slides)
+
+
+def _fields_then_slides(items: list, done: list, slides: dict | None, named: bool = False):
+    """The rows of the field images among ``items`` (minus those done), then each whole
+    slide's rows as its own task (:func:`slide_rows`) returns them: one rule for inputs
+    listed from folders and from a manifest (``named``: the items' slide_id is the
+    manifest's, kept; a folder's slide is the file itself)."""
     fields, wsis = split_slides(items)
     rows = _rows(fields)
     yield _take(rows, _not_done(rows["image_id"], done))
@@ -84,7 +95,8 @@ def list_folders(batch: dict, prefix: str, done: list, slides: dict | None = Non
     import ray
 
     task = ray.remote(num_cpus=SLIDE_CPUS, max_retries=3)(slide_rows)
-    pending = [task.remote(it.uri, it.image_id, done, **(slides or {})) for it in wsis]
+    pending = [task.remote(it.uri, it.image_id, done, slide=it.slide_id if named else None,
+                           **(slides or {})) for it in wsis]
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
         yield ray.get(ready[0])
@@ -105,20 +117,35 @@ def split_slides(items: list) -> tuple[list, list]:
 
     with ThreadPoolExecutor(TIFF_CHECKS) as pool:
         flags = list(pool.map(slide, items))
-    return [it for it, f in zip(items, flags) if not f], [it for it, f in zip(items, flags) if f]
+    fields, wsis = [it for it, f in zip(items, flags) if not f], [it for it, f in zip(items, flags) if f]
+    vms = [it.uri for it in wsis if it.uri.lower().endswith(".vms")]
+    if vms:  # a Hamamatsu VMS slide's JPEG pieces are parts of it, not field images
+        from segpc.io.storage import filesystem
+        from segpc.wsi.local_copy import vms_parts
+
+        parts = set()
+        for uri in vms:
+            try:
+                parts.update(vms_parts(uri))
+            except (InputError, OSError, UnicodeError):
+                pass  # the slide's own task reports it
+        fields = [it for it in fields if filesystem(it.uri)[1] not in parts]
+    return fields, wsis
 
 
 def slide_rows(uri: str, image_id: str, done: list, config: dict | None = None,
                field_shape: tuple[int, int] | None = None, target_mpp: float | None = None,
-               mpp: float | None = None, fields_per_tile: float = TILE_FIELDS) -> dict:
+               mpp: float | None = None, fields_per_tile: float = TILE_FIELDS,
+               slide: str | None = None) -> dict:
     """Task: a whole slide's own row and its tiles' rows, minus those already done; a slide
-    that cannot be opened or tiled gives its own row only, as an error."""
+    that cannot be opened or tiled gives its own row only, as an error. ``slide``: the
+    manifest's slide_id (else the file name, :func:`segpc.wsi.slide.slide_id`)."""
     from segpc.config import Config
     from segpc.io.inputs import InputImage
     from segpc.wsi.job import slide_error, slide_tiles, tile_id
     from segpc.wsi.slide import slide_id
 
-    sid = slide_id(uri)
+    sid = slide or slide_id(uri)
     try:
         head, tiles = slide_tiles(uri, Config.from_dict(config), field_shape, target_mpp, mpp,
                                   fields_per_tile=fields_per_tile)
@@ -129,15 +156,16 @@ def slide_rows(uri: str, image_id: str, done: list, config: dict | None = None,
     return _take(rows, _not_done(rows["image_id"], done))
 
 
-def manifest_rows(batch: dict, prefix: str, done: list):
-    """Map task: the rows of the manifest(s) in the batch, minus those done, in chunks."""
+def manifest_rows(batch: dict, prefix: str, done: list, slides: dict | None = None):
+    """Map task: the rows of the manifest(s) in the batch, minus those done, in chunks; a
+    whole slide named in a manifest becomes its slide row and tile rows, as in a folder."""
     from segpc.io.inputs import manifest_inputs, read_manifest
 
     for uri in batch["manifest"]:
         rows = read_manifest(str(uri))
         for i in range(0, len(rows), ROWS_PER_CHUNK):
-            out = _rows(manifest_inputs(rows[i:i + ROWS_PER_CHUNK], prefix))
-            yield _take(out, _not_done(out["image_id"], done))
+            yield from _fields_then_slides(manifest_inputs(rows[i:i + ROWS_PER_CHUNK], prefix), done, slides,
+                                           named=True)
 
 
 def list_shards(batch: dict, prefix: str) -> dict:
@@ -217,7 +245,7 @@ def input_dataset(args: argparse.Namespace, done_ref, env: dict | None, slides: 
     if args.manifest:
         check_manifest_columns(args.manifest, manifest_columns(args.manifest))
         return ray.data.from_items([{"manifest": args.manifest}]).map_batches(
-            manifest_rows, fn_kwargs={"prefix": args.input, "done": done}, batch_size=1, **common)
+            manifest_rows, fn_kwargs={"prefix": args.input, "done": done, "slides": slides}, batch_size=1, **common)
     kind, units, first_shard = input_kind(args.input)
     # a task lists a few folders (a folder is one or a few requests; a task costs more), and
     # two at a time keep well ahead of the images' reading

@@ -7,8 +7,10 @@
 
 --input is a prefix of image files (any depth; the first folder is the slide) and of
 whole-slide files (one slide per file: slide_id = file name; read at the bundle's pixel size
-in tiles of about --tile-fields training fields a side, ids <slide>__tile-<row>-<col>), or of Parquet shards
-with the image bytes in a column (--image-column) beside image_id and, optionally, slide_id.
+in tiles of about --tile-fields training fields a side, ids <slide>__tile-<row>-<col>; MIRAX
+and other formats tiffslide cannot read go through OpenSlide, from a local copy), or of
+Parquet shards with the image bytes in a column (--image-column) beside image_id and,
+optionally, slide_id (fields only: a whole slide there is an error row).
 image_id is the path below --input without suffix ("/" -> "__"): files added later never
 change the ids of images already done.
 
@@ -45,10 +47,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True,
                    help="prefix of image files (any depth; slide = first folder) and/or whole-slide files "
-                        "(.svs .ndpi .scn .bif, pyramidal .tif; slide = file name)")
+                        "(.svs .ndpi .scn .bif, pyramidal .tif; .mrxs .vms .vmu through OpenSlide, "
+                        "downloaded to the reading machine; slide = file name)")
     p.add_argument("--output", required=True, help="output prefix (images/, cells/, slides.parquet, masks.zarr)")
     p.add_argument("--bundle", required=True, help="model bundle (folder or s3:// URI)")
-    p.add_argument("--manifest", default=None, help="CSV/Parquet with columns path, slide_id (and optionally image_id)")
+    p.add_argument("--manifest", default=None,
+                   help="CSV/Parquet with columns path, slide_id (and optionally image_id): the images and "
+                        "whole slides to do, paths relative to --input or full URIs")
     p.add_argument("--image-column", default="image",
                    help="for Parquet shards under --input: the column of image bytes (with image_id, "
                         "and optionally slide_id, beside it)")

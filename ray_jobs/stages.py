@@ -64,6 +64,7 @@ def read_decode(batch: dict, max_pixels: int | None, config: dict) -> dict:
     from segpc.io.storage import read_bytes
     from segpc.method.steps import prepare
     from segpc.wsi.job import GLASS, SLIDE, SlideTile, is_glass, read_tile
+    from segpc.wsi.slide import check_not_slide_bytes
 
     cfg = Config.from_dict(config)
     n = len(batch["uri"])
@@ -88,6 +89,8 @@ def read_decode(batch: dict, max_pixels: int | None, config: dict) -> dict:
                     tiles[i], image = replace(tile, kind=GLASS).to_json(), None
             else:
                 data = shard_bytes[i] if shard_bytes is not None else read_bytes(batch["uri"][i])
+                if shard_bytes is not None:
+                    check_not_slide_bytes(data, batch["uri"][i])
                 image = decode_image(data, batch["uri"][i], max_pixels or MAX_PIXELS)
             # a tile is seen at the scale of the bundle's fields, and segments the nuclei it owns
             at = {"field_shape": tile.field, "region": tile.tile.core_box_in_read} if tile is not None else {}

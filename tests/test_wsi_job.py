@@ -5,13 +5,21 @@ The job's cells of a slide are the single-process slide driver's (same count, sa
 slide pixels, same masks, none twice at a seam); slides.parquet has the grid, the analysed
 area and the density; a slide without a pixel size is an error row naming the flag; a
 resumed run redoes only the tile whose row is missing, and leaves the same label pyramid and
-GeoJSON. The slide's label masks are one NGFF pyramid (level 0 = the driver's cells, each cut at
-its owner's core), its GeoJSON one file in level-0 pixels.
+GeoJSON; one whose driver was killed mid-slide ends equal to the uninterrupted run. The
+slide's label masks are one NGFF pyramid (level 0 = the driver's cells, each cut at its
+owner's core), its GeoJSON one file in level-0 pixels. A manifest lists slides as a folder
+does.
 """
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,7 +28,7 @@ import pytest
 
 from ray_jobs.segment import main as segment_main
 from segpc.io.ngff import level_count
-from segpc.io.outputs import read_label_masks, read_table, unpack_mask, zarr_store
+from segpc.io.outputs import done_image_ids, read_label_masks, read_table, unpack_mask, zarr_store
 from segpc.method.results import ImageResult
 from segpc.io.storage import filesystem
 from segpc.method.segmenter import Segmenter
@@ -31,32 +39,59 @@ from segpc.wsi.synthetic import mosaic, write_pyramidal_tiff
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
 FIELD = (240, 320)
+PREFIX = "s3://segpc-tests/wsijob"
+REPO = Path(__file__).resolve().parents[1]
 
 
-def test_whole_slides_through_the_job_and_resume_per_tile(ray_local, s3_bucket, archive, bundle, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def slide_job(ray_local, s3_server, archive, bundle, tmp_path_factory):
+    """One uninterrupted job over two fields and two slides (what the tests here compare
+    against): its arguments, files, and its outputs as written, before any test changes them."""
+    tmp = tmp_path_factory.mktemp("wsijob")
     # a bundle trained at 0.5 µm/px on 240x320 fields (the quick bundle, its pixel size set)
-    b = tmp_path / "bundle"
+    b = tmp / "bundle"
     shutil.copytree(bundle, b)
     meta = json.loads((b / "bundle.json").read_text())
     meta["imaging"] = {"mpp": 0.5, "field_shape": list(FIELD)}
     (b / "bundle.json").write_text(json.dumps(meta))
     # S07: two fields and glass where the third would be, 0.5 µm/px; nompp: no pixel size
     s = mosaic(1, 3, gap=40, seed=1, empty=(2,))
-    local = tmp_path / "S07.tif"
+    local = tmp / "S07.tif"
     write_pyramidal_tiff(local, s.image, mpp=0.5, levels=3)
-    write_pyramidal_tiff(tmp_path / "nompp.tif", s.image, mpp=None, levels=2)
-    fs, _ = filesystem(s3_bucket)
-    base = s3_bucket.removeprefix("s3://")
+    write_pyramidal_tiff(tmp / "nompp.tif", s.image, mpp=None, levels=2)
+    fs, _ = filesystem(PREFIX)
+    if not fs.exists("segpc-tests"):
+        fs.mkdir("segpc-tests")
+    base = PREFIX.removeprefix("s3://")
     fs.put_file(str(local), f"{base}/in/S07.tif")
-    fs.put_file(str(tmp_path / "nompp.tif"), f"{base}/in/nompp.tif")
+    fs.put_file(str(tmp / "nompp.tif"), f"{base}/in/nompp.tif")
     fields = sorted((archive / "x").iterdir())[:2]
     for p in fields:
         fs.pipe_file(f"{base}/in/S01/{p.name}", p.read_bytes())
-    out = f"{s3_bucket}/out"
-    args = ["--input", f"{s3_bucket}/in", "--output", out, "--bundle", str(b), "--batch-size", "1", "--geojson"]
+    out = f"{PREFIX}/out"
+    args = ["--input", f"{PREFIX}/in", "--output", out, "--bundle", str(b), "--batch-size", "1", "--geojson"]
     assert segment_main(args) == 0
+    return {"bundle": b, "local": local, "fields": fields, "out": out, "args": args, "outputs": _outputs(out)}
 
-    images = read_table(out, "images").to_pandas().set_index("image_id")
+
+def _outputs(out: str) -> dict:
+    """images/ (without timings), cells/ and slides.parquet, sorted, to compare runs."""
+    images = read_table(out, "images").to_pandas()
+    assert images.image_id.is_unique
+    images = images.drop(columns="seconds").sort_values("image_id").reset_index(drop=True)
+    key = ["image_id", "cell_id"]
+    cells = read_table(out, "cells").to_pandas().sort_values(key).reset_index(drop=True)
+    fs, path = filesystem(f"{out}/slides.parquet")
+    with fs.open(path, "rb") as f:
+        slides = pq.read_table(f).to_pandas().sort_values("slide_id").reset_index(drop=True)
+    return {"images": images, "cells": cells, "slides": slides}
+
+
+def test_whole_slides_through_the_job_and_resume_per_tile(slide_job, capsys):
+    b, local, fields, out, args = (slide_job[k] for k in ("bundle", "local", "fields", "out", "args"))
+    fs, _ = filesystem(out)
+    base = PREFIX.removeprefix("s3://")
+    images = slide_job["outputs"]["images"].set_index("image_id")
     head, tiles = slide_tiles(str(local), Segmenter.from_bundle(str(b)).config, FIELD, 0.5)
     assert (head.tiles, head.skipped, len(tiles)) == (3, 1, 2)  # tiles of two fields a side; glass skipped
     # every input once (two fields, two slides' own rows), and one row per tile analysed
@@ -72,7 +107,7 @@ def test_whole_slides_through_the_job_and_resume_per_tile(ray_local, s3_bucket, 
 
     # the slide's cells are the single-process driver's: count, slide boxes, masks
     ref = segment_slide(Segmenter.from_bundle(str(b)), open_slide(str(local)), FIELD, target_mpp=0.5)
-    cells = read_table(out, "cells").to_pandas()
+    cells = slide_job["outputs"]["cells"]
     mine = cells[cells.slide_id == "S07"]
     assert len(mine) == len(ref.cells) >= 5  # the quick bundle: trained U-Net, random cytoplasm nets
     boxes = list(zip(mine.slide_y0, mine.slide_x0, mine.slide_y1, mine.slide_x1))
@@ -103,8 +138,7 @@ def test_whole_slides_through_the_job_and_resume_per_tile(ray_local, s3_bucket, 
     assert not [p for p in fs.find(f"{base}/out/geojson/_parts") if p.endswith(".jsonl")]  # merged, deleted
 
     # slides.parquet: the grid, the analysed area (the cores of the tiles analysed) and density
-    with fs.open(f"{base}/out/slides.parquet", "rb") as f:
-        slides = pq.read_table(f).to_pandas().set_index("slide_id")
+    slides = slide_job["outputs"]["slides"].set_index("slide_id")
     s07 = slides.loc["S07"]
     area = sum(t.core_area for t in tiles) * 0.25 / 1e6
     assert (s07.images, s07.tiles, s07.tiles_analysed, s07.plasma_cells) == (1, 3, 2, len(ref.cells))
@@ -134,12 +168,10 @@ def test_whole_slides_through_the_job_and_resume_per_tile(ray_local, s3_bucket, 
     capsys.readouterr()
     assert segment_main(args + ["--resume", "--no-fuse"]) == 0
     assert "1 ok, 0 error(s)" in capsys.readouterr().out
-    again = read_table(out, "images").to_pandas().set_index("image_id")
-    assert again.index.is_unique and set(again.index) == want
-    assert again.drop(columns="seconds").sort_index().equals(images.drop(columns="seconds").sort_index())
-    cells_again = read_table(out, "cells").to_pandas()
-    key = ["image_id", "cell_id"]
-    assert cells_again.sort_values(key).reset_index(drop=True).equals(cells.sort_values(key).reset_index(drop=True))
+    again = _outputs(out)
+    assert set(again["images"].image_id) == want
+    assert again["images"].equals(slide_job["outputs"]["images"])
+    assert again["cells"].equals(slide_job["outputs"]["cells"])
     check_slide_pyramid(out, "S07", want_n, want_c)  # the redone tile rewrote the same chunks
     check_slide_geojson(fs, f"{base}/out/geojson/S07.geojson", mine)  # its features once
 
@@ -177,3 +209,90 @@ def check_slide_geojson(fs, path: str, cells: pd.DataFrame) -> None:
         tol = 0.5  # outlines are smoothed within half a pixel of the mask's edges
         assert r.slide_x0 - tol <= x0 < x1 <= r.slide_x1 + tol and r.slide_y0 - tol <= y0 < y1 <= r.slide_y1 + tol
         assert shape(f["nucleusGeometry"]).within(shape(f["geometry"]).buffer(1e-6))
+
+
+def _tiles_done(out: str) -> int:
+    try:
+        return sum("__tile-" in i for i in done_image_ids(out))
+    except FileNotFoundError:
+        return 0
+
+
+def _job_of(pid: int) -> str:
+    from ray._private import state
+
+    return next(j["JobID"] for j in state.jobs() if j.get("DriverPid") == pid)
+
+
+def test_killed_driver_mid_slide_then_resume_equals_an_uninterrupted_run(slide_job, ray_local, tmp_path):
+    """The job's driver, a process of its own on the test session's Ray, SIGKILLed once some
+    but not all of S07's tiles have their images/ row; --resume completes the slide."""
+    out = f"{PREFIX}/killed"
+    args = [a if a != slide_job["out"] else out for a in slide_job["args"]]
+    # one actor, one tile per batch: the tiles' rows come one after the other, seconds apart
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    with open(tmp_path / "driver.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "ray_jobs.segment", *args, "--nucleus-actors", "1"],
+                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 240
+            while _tiles_done(out) == 0:
+                assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "the job wrote no tile"
+                time.sleep(0.05)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    assert _tiles_done(out) == 1, f"not killed mid-slide: {_tiles_done(out)} of 2 tiles done"
+    # Ray ends a dead driver's job: its actors (the segmenting and writing processes) die too
+    from ray._private import state
+
+    job = ray_local.JobID(bytes.fromhex(_job_of(proc.pid)))
+    deadline = time.monotonic() + 60
+    while any(a["State"] != "DEAD" for a in state.actors(job_id=job).values()):
+        assert time.monotonic() < deadline, "the killed driver's actors are still alive"
+        time.sleep(0.5)
+    assert segment_main(args + ["--resume"]) == 0
+    got, want = _outputs(out), slide_job["outputs"]
+    assert got["images"].equals(want["images"])
+    assert got["cells"].equals(want["cells"]), "cells differ (ids, boxes, areas or masks)"
+    assert got["slides"].equals(want["slides"])
+    # the label pyramid and the slide's GeoJSON too: each cell once, as uninterrupted
+    for a, b in zip(read_label_masks(out, "S07"), read_label_masks(slide_job["out"], "S07")):
+        assert np.array_equal(a, b)
+    fs, _ = filesystem(out)
+    fs.invalidate_cache()
+    check_slide_geojson(fs, f"{out.removeprefix('s3://')}/geojson/S07.geojson", got["cells"][got["cells"].slide_id == "S07"])
+
+
+def test_manifest_lists_whole_slides_as_a_folder_does(slide_job, ray_local):
+    """A manifest row naming a whole slide becomes the slide's row and tile rows, the same as
+    the folder listing gives (the manifest's slide_id kept); a field stays one row."""
+    from ray_jobs.listing import list_folders, manifest_rows
+    from segpc.config import Config
+    from segpc.io.inputs import ROOT_FILES
+
+    fs, _ = filesystem(PREFIX)
+    manifest = f"{PREFIX}/manifest.csv"
+    field = slide_job["fields"][0].name
+    fs.pipe_file(manifest.removeprefix("s3://"),
+                 f"path,slide_id\nS07.tif,S07\nS01/{field},S01\nnompp.tif,patient-12\n".encode())
+    slides = {"config": Config.from_dict(json.loads((slide_job["bundle"] / "bundle.json").read_text())["config"]).to_dict(),
+              "field_shape": FIELD, "target_mpp": 0.5, "mpp": None}
+    done = [None]
+    listed = _frame(list_folders({"folder": [ROOT_FILES, "S01"]}, f"{PREFIX}/in", done, slides))
+    named = _frame(manifest_rows({"manifest": [manifest]}, f"{PREFIX}/in", done, slides))
+
+    def of(rows: pd.DataFrame, name: str) -> pd.DataFrame:
+        return rows[rows.uri.str.endswith(name)].reset_index(drop=True)
+
+    assert len(of(listed, "S07.tif")) == 3  # the slide's row and its 2 tiles
+    assert of(named, "S07.tif").equals(of(listed, "S07.tif"))
+    assert of(named, field).equals(of(listed, field)) and len(of(named, field)) == 1
+    nompp = of(named, "nompp.tif")
+    assert nompp.slide_id.tolist() == ["patient-12"] and "--mpp" in nompp.tile.iloc[0]  # its error row
+
+
+def _frame(batches) -> pd.DataFrame:
+    rows = pd.concat([pd.DataFrame(b) for b in batches], ignore_index=True)
+    return rows.sort_values("image_id").reset_index(drop=True)

@@ -53,16 +53,18 @@ def mosaic(rows: int, cols: int, field_size: tuple[int, int] = (320, 240), gap: 
 
 
 def write_pyramidal_tiff(path: str | Path, image: np.ndarray, mpp: float | None = None,
-                         levels: int = 3, tile: int = 128, compression: str = "zlib") -> None:
+                         levels: int = 3, tile: int = 128, compression: str = "zlib",
+                         subifds: bool = True) -> None:
     """A tiled pyramidal TIFF: level 0 and ``levels - 1`` halvings (area-averaged) as its
-    SubIFDs, the layout tiffslide and OpenSlide read; ``mpp`` (µm per pixel) in the
-    resolution tags. Lossless by default, so reads equal the pixels written."""
+    SubIFDs (``subifds``, tiffslide reads them), or as the pages after the first (OpenSlide's
+    generic TIFF layout; tiffslide reads it too); ``mpp`` (µm per pixel) in the resolution
+    tags. Lossless by default, so reads equal the pixels written."""
     import tifffile
 
     opts = dict(tile=(tile, tile), photometric="rgb", compression=compression)
     extra = {} if mpp is None else dict(resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
     with tifffile.TiffWriter(str(path)) as tw:
-        tw.write(image, subifds=levels - 1, **extra, **opts)
+        tw.write(image, **({"subifds": levels - 1} if subifds else {}), **extra, **opts)
         for k in range(1, levels):
             h, w = image.shape[0] >> k, image.shape[1] >> k
             tw.write(cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA), subfiletype=1, **opts)
