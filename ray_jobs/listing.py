@@ -33,6 +33,7 @@ FOLDERS_PER_TASK = 8
 LISTING_TASKS = 2
 ROWS_PER_CHUNK = 1024
 SLIDE_CPUS = 0.25
+LIST_CPUS = 0.25  # every listing task's share: they must never wait for the actors' CPUs
 TIFF_CHECKS = 8  # threads reading TIFF directories (is it a slide?) in a listing task
 
 
@@ -231,17 +232,24 @@ def input_kind(prefix: str) -> tuple[str, list[str], str | None]:
                      f"({', '.join(SLIDE_SUFFIXES)}) or Parquet shards found")
 
 
-def input_dataset(args: argparse.Namespace, done_ref, env: dict | None, slides: dict | None = None):
+def input_dataset(args: argparse.Namespace, done_ref, env: dict | None, slides: dict | None = None,
+                  rows_per_block: int | None = None):
     """The dataset of images to do (``done_ref``: object-store ref of the done ids, or None;
-    ``slides``: :func:`slide_rows`'s settings from the bundle and the flags).
+    ``slides``: :func:`slide_rows`'s settings from the bundle and the flags), in blocks of
+    ``rows_per_block`` rows (:func:`in_blocks`; None: as listed).
     Every task here asks for a quarter of a CPU: Ray Data's own file readers ask for a whole
     one, which a small cluster's actors may leave no room for."""
+    listed = _listed(args, done_ref, env, slides)
+    return listed if rows_per_block is None else in_blocks(listed, rows_per_block, LIST_CPUS)
+
+
+def _listed(args: argparse.Namespace, done_ref, env: dict | None, slides: dict | None):
     import ray
 
     from segpc.io.inputs import check_manifest_columns, manifest_columns
 
     done = [done_ref]
-    common = {"batch_format": "numpy", "runtime_env": env, "num_cpus": 0.25}
+    common = {"batch_format": "numpy", "runtime_env": env, "num_cpus": LIST_CPUS}
     if args.manifest:
         check_manifest_columns(args.manifest, manifest_columns(args.manifest))
         return ray.data.from_items([{"manifest": args.manifest}]).map_batches(
@@ -265,3 +273,21 @@ def input_dataset(args: argparse.Namespace, done_ref, env: dict | None, slides: 
             batch_size=1, **common)
     return ds.map_batches(list_folders, fn_kwargs={"prefix": args.input, "done": done, "slides": slides},
                           **listing)
+
+
+def in_blocks(ds, rows: int, num_cpus: float):
+    """``ds`` cut into blocks of at most ``rows`` rows as it streams, by tasks of ``num_cpus``.
+
+    Why: Ray Data gathers what one listing task yields into large blocks, and an actor pool
+    hands a whole block to one actor; a whole slide's tile rows (one task's output) would all
+    go to one actor. Ray's streaming repartition cuts them, but its tasks ask for a whole CPU,
+    which the actors of a small cluster leave none of (the job then waits forever); Ray 2.60
+    has no public argument for it, so the plan's operator gets the listing's share. Where a
+    Ray version lacks that operator field, the blocks stay as listed (correct, less spread).
+    """
+    cut = ds.repartition(target_num_rows_per_block=rows)
+    op = getattr(getattr(cut, "_logical_plan", None), "dag", None)
+    if type(op).__name__ != "StreamingRepartition" or not isinstance(getattr(op, "ray_remote_args", None), dict):
+        return ds
+    object.__setattr__(op, "ray_remote_args", {**op.ray_remote_args, "num_cpus": num_cpus})
+    return cut

@@ -163,7 +163,8 @@ def build_pipeline(args: argparse.Namespace, plan: Plan, config, done_ref=None, 
     target_mpp, field_shape = bundle_imaging(meta or {})
     slides = {"config": cfg, "field_shape": field_shape, "target_mpp": target_mpp, "mpp": args.mpp,
               "fields_per_tile": args.tile_fields}
-    ds = input_dataset(args, done_ref, env, slides)
+    # blocks of one first-stage batch, so that a slide's tiles spread over the actors
+    ds = input_dataset(args, done_ref, env, slides, rows_per_block=plan.batch_size if plan.fuse else READ_BATCH)
     writer = {"output": args.output, "segpc_masks": args.segpc_masks, "overlays": args.overlays,
               "geojson": args.geojson, "mpp": args.mpp, "ome_zarr": args.ome_zarr,
               "ome_zarr_image": args.ome_zarr_image}

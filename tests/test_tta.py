@@ -171,7 +171,7 @@ def test_build_pipeline_gives_every_network_actor_the_flag(monkeypatch, fuse):
     from segpc.config import preset
 
     ds = _FakeDataset()
-    monkeypatch.setattr(ray_jobs.listing, "input_dataset", lambda *a: ds)
+    monkeypatch.setattr(ray_jobs.listing, "input_dataset", lambda *a, **k: ds)
     plan = Plan(fuse, 1, 1, 1, 1, 0.0, 0.0, 1.0, 1.0, 1, 4, 1, 2.0)
     args = parse_args(["--input", "in", "--output", "out", "--bundle", "b", "--tta"])
     build_pipeline(args, plan, preset("tiny"))

@@ -29,8 +29,8 @@ import pytest
 from ray_jobs.segment import main as segment_main
 from segpc.io.ngff import level_count
 from segpc.io.outputs import done_image_ids, read_label_masks, read_table, unpack_mask, zarr_store
-from segpc.method.results import ImageResult
 from segpc.io.storage import filesystem
+from segpc.method.results import ImageResult
 from segpc.method.segmenter import Segmenter
 from segpc.wsi.driver import segment_slide
 from segpc.wsi.job import slide_tiles, tile_id
@@ -296,3 +296,30 @@ def test_manifest_lists_whole_slides_as_a_folder_does(slide_job, ray_local):
 def _frame(batches) -> pd.DataFrame:
     rows = pd.concat([pd.DataFrame(b) for b in batches], ignore_index=True)
     return rows.sort_values("image_id").reset_index(drop=True)
+
+
+def test_a_slides_tiles_spread_over_the_actors(slide_job, ray_local):
+    """One listing task yields a slide's row and its tiles' rows together; cut into blocks of
+    one batch (in tasks of the listing's quarter CPU, so they never wait for the actors'
+    CPUs), they go to both actors of a pool of two, not all to one."""
+    import argparse
+
+    from ray_jobs.listing import LIST_CPUS, input_dataset
+
+    class Which:  # defined here: Ray's workers cannot import this test module
+        """Notes which process saw each row (and takes its time, as a tile does)."""
+
+        def __call__(self, batch: dict) -> dict:
+            time.sleep(0.3)
+            return {"image_id": batch["image_id"], "pid": np.full(len(batch["image_id"]), os.getpid())}
+
+    slides = {"config": Segmenter.from_bundle(str(slide_job["bundle"])).config.to_dict(), "field_shape": FIELD,
+              "target_mpp": 0.5, "mpp": None}
+    args = argparse.Namespace(input=f"{PREFIX}/in", manifest=None, image_column="image")
+    ds = input_dataset(args, None, None, slides, rows_per_block=1)
+    assert ds._logical_plan.dag.ray_remote_args["num_cpus"] == LIST_CPUS
+    rows = ds.map_batches(Which, batch_size=1, compute=ray_local.data.ActorPoolStrategy(size=2),
+                          num_cpus=0.25, batch_format="numpy").take_all()
+    s07 = {r["pid"] for r in rows if str(r["image_id"]).startswith("S07")}
+    assert len([r for r in rows if str(r["image_id"]).startswith("S07__tile-")]) == 2
+    assert len(s07) == 2, "the slide's rows all went to one actor"

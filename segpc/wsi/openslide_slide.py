@@ -62,7 +62,7 @@ class OpenSlideSlide(Slide):
         y0, x0, y1, x1 = box
         d = self.downsamples[level]
         # OpenSlide takes the top-left corner in level-0 pixels and the size in the level's
-        x, y = int(round(x0 * d)), int(round(y0 * d))
+        x, y = round(x0 * d), round(y0 * d)
         rgba = np.asarray(self._open().read_region((x, y), level, (x1 - x0, y1 - y0)))
         rgb, alpha = rgba[..., :3], rgba[..., 3:]
         if (alpha == 255).all():

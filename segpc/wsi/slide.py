@@ -184,7 +184,7 @@ class Slide:
         state.pop("_file", None)
         return state
 
-    def __enter__(self) -> "Slide":
+    def __enter__(self) -> Slide:
         return self
 
     def __exit__(self, *exc) -> None:
