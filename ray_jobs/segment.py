@@ -253,6 +253,7 @@ def run(args: argparse.Namespace) -> dict:
     from segpc.config import Config
     from segpc.io.outputs import done_images, forget_errors, has_results, remove_orphan_cells
     from segpc.io.slide_finish import finish_slides
+    from segpc.wsi.job import TILE_MARK, slide_of
     from segpc.io.slides import write_slides_table
     from segpc.models.bundle import read_bundle_meta
 
@@ -290,9 +291,11 @@ def run(args: argparse.Namespace) -> dict:
     if not args.resume:
         write_run_record(args.output, record)
     seen, t_start = 0, time.time()
+    written = set()  # the slides with a tile written in this run: their finishing step runs again
     for batch in _job_errors_unwrapped(ds.iter_batches(batch_size=None, batch_format="numpy")):
         if counts["first_result_s"] is None and len(batch["status"]):
             counts["first_result_s"] = time.time() - t0
+        written.update(slide_of(str(i)) for i in batch["image_id"] if TILE_MARK in str(i))
         for status, n_cells in zip(batch["status"], batch["n_cells"]):
             counts["ok" if status == "ok" else "error"] += 1
             counts["cells"] += int(n_cells)
@@ -302,7 +305,7 @@ def run(args: argparse.Namespace) -> dict:
     if seen % args.progress_every:
         _progress(seen, t_start, counts)
     counts["pipeline_s"] = time.time() - t_start
-    finish_slides(args.output, args.geojson)  # each slide's coarse mask levels and GeoJSON
+    finish_slides(args.output, args.geojson, written)  # each slide's coarse mask levels and GeoJSON
     slides, twice = write_slides_table(args.output)
     if twice:
         print(f"[segment] warning: {len(twice)} image id(s) occur more than once in images/ (two inputs "

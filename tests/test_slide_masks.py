@@ -135,3 +135,37 @@ def test_slide_pyramid_from_tiles_in_any_order_reads_back_as_ngff(tmp_path):
     finish_slide_masks(out, m)
     after = {p: p.read_bytes() for p in (tmp_path / "out/masks.zarr").rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_finishing_runs_once_per_slide_unless_a_tile_of_it_was_written(tmp_path):
+    """The finishing step redoes a slide only when this run wrote a tile of it or it was never
+    finished (no marker, e.g. a driver killed before the step): a resumed run over an archive
+    does not redo every slide done before."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from segpc.io.outputs import put_object
+    from segpc.io.slide_finish import MARKER, finish_slides, was_finished
+    from segpc.io.storage import filesystem
+
+    out = str(tmp_path / "out")
+    fs, root = filesystem(out)
+    rows = [{"image_id": i, "kind": k, "status": st} for i, k, st in
+            [("S1", "slide", "ok"), ("S2", "slide", "ok"), ("S3", "slide", "error"), ("F1", None, "ok")]]
+    table = pa.Table.from_pylist(rows, schema=pa.schema([("image_id", pa.string()), ("kind", pa.string()),
+                                                           ("status", pa.string())]))
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    put_object(fs, f"{root}/images/part-0.parquet", buf.getvalue())
+    shape, core = (1300, 2200), (150, 330)
+    write_masks_group(out)
+    for sid in ("S1", "S2"):
+        write_slide_metadata(out, SlideMasks(sid, shape, core, 0.5, 1.0, 10 ** 8))
+    assert finish_slides(out) == {"S1": 1, "S2": 1}  # never finished: both (S3 is an error row)
+    assert was_finished(out, "S1", geojson=False) and not was_finished(out, "S1", geojson=True)
+    assert finish_slides(out, written=set()) == {}  # a resume that wrote no tile of them
+    assert finish_slides(out, written={"S2"}) == {"S2": 1}
+    (tmp_path / "out/masks.zarr/S1" / MARKER).unlink()  # as if stopped before the step
+    assert finish_slides(out, written=set()) == {"S1": 1}

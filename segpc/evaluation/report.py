@@ -118,7 +118,7 @@ def _tile_picture(output: str, image_id: str) -> tuple[np.ndarray, np.ndarray, n
     """A tile's core from its slide (the view the tiles were cut from) and the slide's label
     pyramid there: the tile's grid position is in its id, the grid in the pyramid's metadata."""
     from segpc.io.slide_masks import read_slide_meta
-    from segpc.wsi.job import slide_of
+    from segpc.wsi.job import TILE_MARK, slide_of
     from segpc.wsi.resolution import SlideView
     from segpc.wsi.slide import open_slide
 
@@ -126,7 +126,7 @@ def _tile_picture(output: str, image_id: str) -> tuple[np.ndarray, np.ndarray, n
     m = read_slide_meta(output, slide)
     if m is None:
         raise InputError(f"masks.zarr/{slide} holds no slide label pyramid")
-    row, col = (int(v) for v in image_id.rsplit("__tile-", 1)[1].split("-"))
+    row, col = (int(v) for v in image_id.rsplit(TILE_MARK, 1)[1].split("-"))
     (gh, gw), (h, w) = m.grid_core, m.shape
     core = (row * gh, col * gw, min((row + 1) * gh, h), min((col + 1) * gw, w))
     with open_slide(m.uri) as s:

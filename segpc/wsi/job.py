@@ -39,6 +39,7 @@ from segpc.wsi.tiles import TILE_FIELDS, Tile, slide_grid
 from segpc.wsi.tissue import MIN_FRACTION, MIN_SATURATION, tile_fractions, tissue_fraction
 
 SLIDE, TILE, GLASS = "slide", "tile", "glass"  # images/ ``kind`` of slide-derived rows
+TILE_MARK = "__tile-"  # between a slide row's image id and a tile's grid position
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ def slide_error(uri: str, exc: Exception) -> SlideTile:
 
 def tile_id(slide_image_id: str, row: int, col: int) -> str:
     """The image id of a tile row: stable, one per grid position."""
-    return f"{slide_image_id}__tile-{row}-{col}"
+    return f"{slide_image_id}{TILE_MARK}{row}-{col}"
 
 
 def slide_tiles(uri: str, config: Config, field_shape: tuple[int, int] | None,
@@ -201,7 +202,7 @@ def placement(tile: SlideTile):
 
 def slide_of(tile_image_id: str) -> str:
     """The slide row's image id of a tile row's (inverse of :func:`tile_id`)."""
-    return tile_image_id.rsplit("__tile-", 1)[0]
+    return tile_image_id.rsplit(TILE_MARK, 1)[0]
 
 
 def level0_box(box: Box, origin: tuple[int, int], to_level0: float) -> Box:
