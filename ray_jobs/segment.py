@@ -253,9 +253,9 @@ def run(args: argparse.Namespace) -> dict:
     from segpc.config import Config
     from segpc.io.outputs import done_images, forget_errors, has_results, remove_orphan_cells
     from segpc.io.slide_finish import finish_slides
-    from segpc.wsi.job import TILE_MARK, slide_of
     from segpc.io.slides import write_slides_table
     from segpc.models.bundle import read_bundle_meta
+    from segpc.wsi.job import TILE_MARK, slide_of
 
     t0 = time.time()
     meta = read_bundle_meta(args.bundle)  # a bad bundle stops here, before any work

@@ -14,6 +14,7 @@ import pickle
 
 import numpy as np
 import pytest
+import tifffile
 
 from segpc.errors import InputError
 from segpc.io.storage import filesystem
@@ -21,8 +22,6 @@ from segpc.wsi import slide as slide_module
 from segpc.wsi.local_copy import local_copy, slide_files
 from segpc.wsi.slide import UnreadableSlide, check_not_slide_bytes, open_slide
 from segpc.wsi.synthetic import mosaic, write_pyramidal_tiff
-
-openslide = pytest.importorskip("openslide")
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +120,6 @@ def test_whole_slide_in_a_parquet_shard_is_an_error_row_naming_the_shard(pyramid
     assert out["error_kind"][0] == "image"
     check_not_slide_bytes(field, f"{shard}#field-2")  # a field, even a tiled TIFF one, passes
     one_level = io.BytesIO()
-    import tifffile
     tifffile.imwrite(one_level, np.zeros((240, 320, 3), np.uint8), tile=(64, 64))
     check_not_slide_bytes(one_level.getvalue(), f"{shard}#tiled")
 

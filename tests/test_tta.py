@@ -10,6 +10,7 @@ from torch import nn
 
 from segpc.io.run_record import RESULT_KEYS, differences, run_record
 from segpc.method.cytoplasm import CropInput
+from segpc.config import preset
 from segpc.method.segmenter import cell_net, nucleus_net
 from segpc.models.runner import NetworkRunner, flip_batch, unflip_mean
 
@@ -128,7 +129,8 @@ def test_flip_batch_and_unflip_mean_invert():
 
 def test_segmenter_networks_pass_tta_to_every_runner():
     torch.manual_seed(0)
-    bundle = SimpleNamespace(nucleus=Shifted(3).eval(), cytoplasm={0.5: Shifted(4).eval(), 1.0: Shifted(4).eval()})
+    bundle = SimpleNamespace(nucleus=Shifted(3).eval(), cytoplasm={0.5: Shifted(4).eval(), 1.0: Shifted(4).eval()},
+                             config=preset("tiny"))
     assert nucleus_net(bundle, "cpu", tta=True).tta and not nucleus_net(bundle, "cpu").tta
     x = pixels(3, 12, 12, 4, seed=5)
     crops = [CropInput(p, (0, 0, 12, 12), None, None, 1.0) for p in x]
@@ -168,7 +170,6 @@ def test_build_pipeline_gives_every_network_actor_the_flag(monkeypatch, fuse):
     import ray_jobs.listing
     from ray_jobs.plan import Plan
     from ray_jobs.segment import build_pipeline, parse_args
-    from segpc.config import preset
 
     ds = _FakeDataset()
     monkeypatch.setattr(ray_jobs.listing, "input_dataset", lambda *a, **k: ds)

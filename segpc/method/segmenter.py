@@ -24,9 +24,8 @@ def nucleus_net(bundle, device: str | None = None, batch_size: int = 16, amp: bo
     ``tta``: averaged over test-time flips (see :class:`segpc.models.runner.NetworkRunner`)."""
     from segpc.models.runner import NetworkRunner
 
-    config = getattr(bundle, "config", None)
-    per_pass = batch_size * config.nucleus.input_size ** 2 if config is not None else None
-    return NetworkRunner(bundle.nucleus, device, batch_size, amp, tta, pixels_per_pass=per_pass)
+    size = bundle.config.nucleus.input_size
+    return NetworkRunner(bundle.nucleus, device, batch_size, amp, tta, pixels_per_pass=batch_size * size * size)
 
 
 def cell_net(bundle, device: str | None = None, batch_size: int = 16, amp: bool | None = None,
