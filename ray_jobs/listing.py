@@ -240,7 +240,7 @@ def input_dataset(args: argparse.Namespace, done_ref, env: dict | None, slides: 
     Every task here asks for a quarter of a CPU: Ray Data's own file readers ask for a whole
     one, which a small cluster's actors may leave no room for."""
     listed = _listed(args, done_ref, env, slides)
-    return listed if rows_per_block is None else in_blocks(listed, rows_per_block, LIST_CPUS)
+    return listed if rows_per_block is None else in_blocks(listed, rows_per_block)
 
 
 def _listed(args: argparse.Namespace, done_ref, env: dict | None, slides: dict | None):
@@ -275,19 +275,26 @@ def _listed(args: argparse.Namespace, done_ref, env: dict | None, slides: dict |
                           **listing)
 
 
-def in_blocks(ds, rows: int, num_cpus: float):
-    """``ds`` cut into blocks of at most ``rows`` rows as it streams, by tasks of ``num_cpus``.
+def in_blocks(ds, rows: int):
+    """``ds`` (ending in a listing ``map_batches``) with each listing task's output cut into
+    blocks of at most ``rows`` rows, inside that task.
 
     Why: Ray Data gathers what one listing task yields into large blocks, and an actor pool
     hands a whole block to one actor; a whole slide's tile rows (one task's output) would all
-    go to one actor. Ray's streaming repartition cuts them, but its tasks ask for a whole CPU,
-    which the actors of a small cluster leave none of (the job then waits forever); Ray 2.60
-    has no public argument for it, so the plan's operator gets the listing's share. Where a
-    Ray version lacks that operator field, the blocks stay as listed (correct, less spread).
+    go to one actor. Ray's streaming repartition cuts them, but as an operator of its own its
+    tasks ask for a whole CPU, which the actors of a small cluster leave none of, and even at
+    a listing's share it is one more operator to schedule beside the actors (a test job once
+    waited past the no-progress limit). Given the listing's remote arguments and compute,
+    Ray fuses it into the listing task, so the graph keeps its operators. Ray 2.60 has no
+    public argument for either, so the plan's operator gets them; where a Ray version lacks
+    those fields, the blocks stay as listed (correct, less spread).
     """
+    listing = getattr(getattr(ds, "_logical_plan", None), "dag", None)
     cut = ds.repartition(target_num_rows_per_block=rows)
     op = getattr(getattr(cut, "_logical_plan", None), "dag", None)
-    if type(op).__name__ != "StreamingRepartition" or not isinstance(getattr(op, "ray_remote_args", None), dict):
+    if (type(op).__name__ != "StreamingRepartition" or not isinstance(getattr(op, "ray_remote_args", None), dict)
+            or not hasattr(op, "compute") or not isinstance(getattr(listing, "ray_remote_args", None), dict)):
         return ds
-    object.__setattr__(op, "ray_remote_args", {**op.ray_remote_args, "num_cpus": num_cpus})
+    object.__setattr__(op, "ray_remote_args", dict(listing.ray_remote_args))
+    object.__setattr__(op, "compute", listing.compute)
     return cut

@@ -300,8 +300,8 @@ def _frame(batches) -> pd.DataFrame:
 
 def test_a_slides_tiles_spread_over_the_actors(slide_job, ray_local):
     """One listing task yields a slide's row and its tiles' rows together; cut into blocks of
-    one batch (in tasks of the listing's quarter CPU, so they never wait for the actors'
-    CPUs), they go to both actors of a pool of two, not all to one."""
+    one batch (by the listing task itself, at its quarter CPU, so nothing waits for the
+    actors' CPUs), they go to both actors of a pool of two, not all to one."""
     import argparse
 
     from ray_jobs.listing import LIST_CPUS, input_dataset
