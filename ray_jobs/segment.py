@@ -163,8 +163,10 @@ def build_pipeline(args: argparse.Namespace, plan: Plan, config, done_ref=None, 
     target_mpp, field_shape = bundle_imaging(meta or {})
     slides = {"config": cfg, "field_shape": field_shape, "target_mpp": target_mpp, "mpp": args.mpp,
               "fields_per_tile": args.tile_fields}
-    # blocks of one first-stage batch, so that a slide's tiles spread over the actors
-    ds = input_dataset(args, done_ref, env, slides, rows_per_block=plan.batch_size if plan.fuse else READ_BATCH)
+    # CPU clusters: blocks of one actor batch, so that a slide's tiles spread over the
+    # actors. Not in the split graph: there a no-fuse test job twice waited past the
+    # no-progress limit with its listing cut (its read tasks take blocks as listed)
+    ds = input_dataset(args, done_ref, env, slides, rows_per_block=plan.batch_size if plan.fuse else None)
     writer = {"output": args.output, "segpc_masks": args.segpc_masks, "overlays": args.overlays,
               "geojson": args.geojson, "mpp": args.mpp, "ome_zarr": args.ome_zarr,
               "ome_zarr_image": args.ome_zarr_image}
